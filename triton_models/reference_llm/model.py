@@ -1,0 +1,190 @@
+"""A small decoder-only transformer in NumPy with fixed, seeded random weights.
+
+Real arithmetic per token (pre-norm blocks: multi-head causal self-attention + GELU MLP), a
+slot-based KV cache for in-flight batching, no sleeping anywhere.  The weights are random, so the
+model produces gibberish: it exists to make Triton do LLM-shaped work (prefill, per-token decode
+cost growing with model size, batched decode steps) on a CPU.
+
+Vocabulary: input ids are any cl100k id (embedded through a hashed table of ``embed_rows`` rows);
+output logits cover the reduced vocabulary of :func:`tokenizer.output_vocab`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .tokenizer import EOS_ID, output_vocab
+
+MAX_PROMPT_TOKENS = 1024   #: longer prompts keep their last MAX_PROMPT_TOKENS tokens
+MAX_NEW_TOKENS = 512       #: cap on max_tokens
+MAX_CONTEXT = 1 + MAX_PROMPT_TOKENS + MAX_NEW_TOKENS  # BOS + prompt + completion
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    name: str
+    d_model: int
+    n_layers: int
+    n_heads: int
+    ff_mult: int = 4
+    vocab_out: int = 8192
+    embed_rows: int = 16384
+    seed: int = 0
+    logit_scale: float = 4.0
+    eos_bias: float = -6.0  # keeps the default EOS rare so greedy runs are usually full length
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def macs_per_token(self) -> int:
+        """Multiply-accumulates per decoded token, excluding attention over the context."""
+        d, f = self.d_model, self.d_model * self.ff_mult
+        return self.n_layers * (4 * d * d + 2 * d * f) + d * self.vocab_out
+
+
+TIERS: dict[str, TierConfig] = {
+    "small": TierConfig("small", d_model=64, n_layers=2, n_heads=2, seed=11),
+    "medium": TierConfig("medium", d_model=192, n_layers=4, n_heads=4, seed=22),
+    "large": TierConfig("large", d_model=384, n_layers=8, n_heads=6, seed=33),
+}
+
+
+def tier_config(name: str) -> TierConfig:
+    key = name.lower().removeprefix("llm-")
+    try:
+        return TIERS[key]
+    except KeyError:
+        raise ValueError(f"unknown tier {name!r}; known: {sorted(TIERS)}") from None
+
+
+def _rmsnorm(x: np.ndarray, g: np.ndarray) -> np.ndarray:
+    return x * (g / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 1e-6))
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + np.tanh(0.7978845608 * (x + 0.044715 * x * x * x)))
+
+
+def _softmax_lastdim(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=-1, keepdims=True)
+    np.exp(x, out=x)
+    x /= x.sum(axis=-1, keepdims=True)
+    return x
+
+
+class ReferenceTransformer:
+    """Weights + forward passes.  ``slots`` KV-cache slots of ``max_context`` positions each.
+
+    The cache is allocated with ``np.zeros`` (lazily backed by the OS), so untouched slots and
+    positions cost no memory.  Active sequences must occupy slots ``0..B-1`` (the engine keeps
+    them compact) so that the batched decode step works on plain views, never copies.
+    """
+
+    def __init__(self, cfg: TierConfig, slots: int, max_context: int = MAX_CONTEXT) -> None:
+        self.cfg = cfg
+        self.slots = slots
+        self.max_context = max_context
+        d, h, dh, f = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.d_model * cfg.ff_mult
+        rng = np.random.default_rng(cfg.seed)
+
+        def w(*shape: int, fan_in: int) -> np.ndarray:
+            return (rng.standard_normal(shape, dtype=np.float32) / np.sqrt(fan_in)).astype(np.float32)
+
+        self.vocab = output_vocab(cfg.vocab_out)                  # output index -> cl100k id
+        self.index_of = {int(t): i for i, t in enumerate(self.vocab)}
+        self.embed = w(cfg.embed_rows, d, fan_in=1) * np.float32(0.5)
+        self.layers = []
+        for _ in range(cfg.n_layers):
+            self.layers.append(
+                dict(
+                    g1=np.ones(d, np.float32),
+                    wqkv=w(d, 3 * d, fan_in=d),
+                    wo=w(d, d, fan_in=d),
+                    g2=np.ones(d, np.float32),
+                    w1=w(d, f, fan_in=d),
+                    w2=w(f, d, fan_in=f),
+                )
+            )
+        self.g_final = np.ones(d, np.float32)
+        self.unembed = w(d, cfg.vocab_out, fan_in=d) * np.float32(cfg.logit_scale)
+        self.logit_bias = np.zeros(cfg.vocab_out, np.float32)
+        if EOS_ID in self.index_of:
+            self.logit_bias[self.index_of[EOS_ID]] = cfg.eos_bias
+        # sinusoidal positions
+        pos = np.arange(max_context, dtype=np.float64)[:, None]
+        freq = np.exp(-np.log(10000.0) * np.arange(0, d, 2, dtype=np.float64) / d)[None, :]
+        pe = np.zeros((max_context, d), np.float64)
+        pe[:, 0::2] = np.sin(pos * freq)
+        pe[:, 1::2] = np.cos(pos * freq)
+        self.pos_embed = (pe * 0.5).astype(np.float32)
+        # KV cache: per layer [slots, heads, max_context, head_dim]
+        self.k_cache = [np.zeros((slots, h, max_context, dh), np.float32) for _ in range(cfg.n_layers)]
+        self.v_cache = [np.zeros((slots, h, max_context, dh), np.float32) for _ in range(cfg.n_layers)]
+        self._scale = np.float32(1.0 / np.sqrt(dh))
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _embed_ids(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        rows = (ids.astype(np.uint64) * np.uint64(2654435761)) % np.uint64(self.cfg.embed_rows)
+        return self.embed[rows.astype(np.int64)] + self.pos_embed[positions]
+
+    def _logits(self, x: np.ndarray) -> np.ndarray:
+        return _rmsnorm(x, self.g_final) @ self.unembed + self.logit_bias
+
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        """Copy the first ``length`` cached positions of slot ``src`` into slot ``dst``."""
+        for k, v in zip(self.k_cache, self.v_cache):
+            k[dst, :, :length] = k[src, :, :length]
+            v[dst, :, :length] = v[src, :, :length]
+
+    # -- forward passes ---------------------------------------------------------------------
+    def prefill(self, slot: int, ids: np.ndarray) -> np.ndarray:
+        """Run a whole prompt (``ids``, 1-D, includes BOS) into ``slot``; return last-position logits."""
+        cfg = self.cfg
+        t = len(ids)
+        if t < 1 or t > self.max_context:
+            raise ValueError(f"prompt length {t} outside 1..{self.max_context}")
+        h, dh = cfg.n_heads, cfg.head_dim
+        x = self._embed_ids(ids, np.arange(t))
+        causal = np.triu(np.full((t, t), -np.inf, np.float32), k=1)
+        for li, p in enumerate(self.layers):
+            a = _rmsnorm(x, p["g1"]) @ p["wqkv"]                       # [t, 3d]
+            q, k, v = a.reshape(t, 3, h, dh).transpose(1, 2, 0, 3)       # each [h, t, dh]
+            self.k_cache[li][slot, :, :t] = k
+            self.v_cache[li][slot, :, :t] = v
+            s = (q @ k.transpose(0, 2, 1)) * self._scale + causal        # [h, t, t]
+            o = _softmax_lastdim(s) @ v                                  # [h, t, dh]
+            x = x + o.transpose(1, 0, 2).reshape(t, -1) @ p["wo"]
+            x = x + _gelu(_rmsnorm(x, p["g2"]) @ p["w1"]) @ p["w2"]
+        return self._logits(x[-1:])[0]
+
+    def decode(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """One batched decode step for the sequences in slots ``0..B-1``.
+
+        ``ids[b]`` is sequence b's newest token, to be written at cache position ``positions[b]``.
+        Returns logits ``[B, vocab_out]``.
+        """
+        cfg = self.cfg
+        b = len(ids)
+        h, dh = cfg.n_heads, cfg.head_dim
+        tmax = int(positions.max()) + 1
+        x = self._embed_ids(ids, positions)                               # [b, d]
+        rows = np.arange(b)
+        # additive mask: position t is visible to sequence i iff t <= positions[i]
+        mask = np.where(np.arange(tmax)[None, :] <= positions[:, None], 0.0, -np.inf).astype(np.float32)
+        mask = mask[:, None, None, :]                                     # [b, 1, 1, tmax]
+        for li, p in enumerate(self.layers):
+            a = _rmsnorm(x, p["g1"]) @ p["wqkv"]                          # [b, 3d]
+            q, k, v = a.reshape(b, 3, h, dh).transpose(1, 0, 2, 3)        # each [b, h, dh]
+            kc, vc = self.k_cache[li], self.v_cache[li]
+            kc[rows, :, positions] = k
+            vc[rows, :, positions] = v
+            keys = kc[:b, :, :tmax]                                       # [b, h, tmax, dh] (view)
+            vals = vc[:b, :, :tmax]
+            s = (q[:, :, None, :] @ keys.transpose(0, 1, 3, 2)) * self._scale + mask  # [b,h,1,tmax]
+            o = _softmax_lastdim(s) @ vals                                # [b, h, 1, dh]
+            x = x + o.reshape(b, -1) @ p["wo"]
+            x = x + _gelu(_rmsnorm(x, p["g2"]) @ p["w1"]) @ p["w2"]
+        return self._logits(x)

@@ -1,0 +1,215 @@
+"""Triton Python-backend adapter: the ``TritonPythonModel`` behind llm-small/medium/large.
+
+Decoupled model.  ``execute()`` only parses each request and hands it to the :class:`Engine`,
+whose background thread does in-flight batching and sends responses through each request's
+response sender:
+
+* ``stream`` true: one response per generated token (``text_output`` = new text), the last one
+  carrying ``finish_reason``, sent with ``TRITONSERVER_RESPONSE_COMPLETE_FINAL``;
+* otherwise exactly one response with the whole text (what Triton's HTTP ``/generate`` needs).
+
+Config ``parameters``: ``tier`` (small|medium|large; default from the model name) and
+``max_active_sequences`` (in-flight batch limit; 1 = batching off).  The environment variables
+``EXTPROC_LLM_MAX_ACTIVE_SEQUENCES`` (all tiers) and
+``EXTPROC_LLM_MAX_ACTIVE_SEQUENCES_<SMALL|MEDIUM|LARGE>`` override the latter at launch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from .engine import DEFAULT_MAX_TOKENS, Engine, Event, GenRequest
+from .tokenizer import EOS_ID
+
+
+def _param(config: dict, key: str, default: str | None = None) -> str | None:
+    v = config.get("parameters", {}).get(key)
+    if isinstance(v, dict):
+        v = v.get("string_value")
+    return v if v not in (None, "") else default
+
+
+def _scalar(request, name: str, default=None):
+    t = pb_utils.get_input_tensor_by_name(request, name)
+    if t is None:
+        return default
+    arr = t.as_numpy().reshape(-1)
+    if arr.size == 0:
+        return default
+    return arr[0]
+
+
+def _as_str(v) -> str:
+    if isinstance(v, bytes):
+        return v.decode("utf-8", errors="replace")
+    return str(v)
+
+
+def parse_request(request) -> tuple[GenRequest, bool]:
+    text = pb_utils.get_input_tensor_by_name(request, "text_input")
+    if text is None:
+        raise ValueError("missing required input 'text_input'")
+    arr = text.as_numpy().reshape(-1)
+    if arr.size != 1:
+        raise ValueError(f"text_input must hold exactly one string, got {arr.size}")
+    stop = pb_utils.get_input_tensor_by_name(request, "stop_words")
+    stop_words = [_as_str(s) for s in stop.as_numpy().reshape(-1)] if stop is not None else []
+    seed = _scalar(request, "random_seed")
+    end_id = _scalar(request, "end_id")
+    req = GenRequest(
+        prompt=_as_str(arr[0]),
+        max_tokens=int(_scalar(request, "max_tokens", DEFAULT_MAX_TOKENS)),
+        temperature=float(_scalar(request, "temperature", 0.0)),
+        top_p=float(_scalar(request, "top_p", 1.0)),
+        top_k=int(_scalar(request, "top_k", 0)),
+        seed=int(seed) if seed is not None else None,
+        stop_words=[w for w in stop_words if w],
+        end_id=int(end_id) if end_id is not None else EOS_ID,
+    )
+    if req.top_p <= 0.0:  # TRT-LLM treats 0 as "off"
+        req.top_p = 1.0
+    return req.validate(), bool(_scalar(request, "stream", False))
+
+
+def _response(text: str, ev: Event):
+    return pb_utils.InferenceResponse(
+        output_tensors=[
+            pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=np.object_)),
+            pb_utils.Tensor("prompt_tokens", np.array([[ev.prompt_tokens]], dtype=np.int32)),
+            pb_utils.Tensor("completion_tokens", np.array([[ev.completion_tokens]], dtype=np.int32)),
+            pb_utils.Tensor("finish_reason", np.array([[ev.finish_reason.encode()]], dtype=np.object_)),
+        ]
+    )
+
+
+class _Responder:
+    """Turns engine events into Triton responses for one request."""
+
+    __slots__ = ("sender", "stream", "parts")
+
+    def __init__(self, sender, stream: bool) -> None:
+        self.sender = sender
+        self.stream = stream
+        self.parts: list[str] = []
+
+    def __call__(self, ev: Event) -> None:
+        if self.stream:
+            flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if ev.final else 0
+            self.sender.send(_response(ev.text, ev), flags=flags)
+            return
+        self.parts.append(ev.text)
+        if ev.final:
+            self.sender.send(_response("".join(self.parts), ev),
+                             flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def is_cancelled(self) -> bool:
+        return bool(self.sender.is_cancelled())
+
+
+def _send_error(sender, message: str) -> None:
+    sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message)),
+                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        self.model_name = args.get("model_name", config.get("name", "llm"))
+        if not pb_utils.using_decoupled_model_transaction_policy(config):
+            raise pb_utils.TritonModelException(f"{self.model_name} must be decoupled")
+        tier = _param(config, "tier", self.model_name)
+        max_active = int(_param(config, "max_active_sequences", "32"))
+        tier_key = str(tier).lower().removeprefix("llm-").upper()
+        for env in (f"EXTPROC_LLM_MAX_ACTIVE_SEQUENCES_{tier_key}", "EXTPROC_LLM_MAX_ACTIVE_SEQUENCES"):
+            if os.environ.get(env):
+                max_active = int(os.environ[env])
+                break
+        self.engine = Engine(tier, max_active_sequences=max_active)
+        self.engine.on_idle = self._flush_metrics
+        self.engine.on_error = self._on_engine_error
+        self._init_metrics()
+        self.engine.start()
+        pb_utils.Logger.log_info(
+            f"{self.model_name}: reference LLM tier={self.engine.cfg.name} d={self.engine.cfg.d_model} "
+            f"layers={self.engine.cfg.n_layers} max_active_sequences={self.engine.max_active}"
+        )
+
+    # -- metrics (Triton /metrics, custom families) -----------------------------------------
+    def _init_metrics(self) -> None:
+        self._metrics = {}
+        self._reported: dict[str, float] = {}
+        self._last_flush = 0.0
+        self._metrics_lock = threading.Lock()
+        try:
+            labels = {"model": self.model_name}
+            defs = {
+                "decode_steps": ("reference_llm_decode_steps_total", "Batched decode forward passes", "counter"),
+                "decode_tokens": ("reference_llm_decode_tokens_total",
+                                  "Tokens produced by batched decode steps (tokens/steps = mean batch)", "counter"),
+                "prefills": ("reference_llm_prefills_total", "Prompts prefilled", "counter"),
+                "generated_tokens": ("reference_llm_generated_tokens_total", "Tokens generated", "counter"),
+                "max_batch": ("reference_llm_max_decode_batch", "Largest decode batch seen", "gauge"),
+            }
+            for key, (name, desc, kind) in defs.items():
+                fam = pb_utils.MetricFamily(
+                    name=name, description=desc,
+                    kind=pb_utils.MetricFamily.COUNTER if kind == "counter" else pb_utils.MetricFamily.GAUGE,
+                )
+                self._metrics[key] = (fam, fam.Metric(labels=labels), kind)
+        except Exception as exc:  # metrics are a nicety; never fail the model for them
+            pb_utils.Logger.log_warn(f"{self.model_name}: custom metrics unavailable: {exc!r}")
+            self._metrics = {}
+
+    def _flush_metrics(self) -> None:
+        if not self._metrics:
+            return
+        with self._metrics_lock:
+            self._flush_metrics_locked()
+
+    def _flush_metrics_locked(self) -> None:
+        stats = dict(self.engine.stats)
+        stats["max_batch"] = self.engine.max_batch_seen
+        for key, (_fam, metric, kind) in self._metrics.items():
+            value = float(stats.get(key, 0))
+            if kind == "gauge":
+                metric.set(value)
+            else:
+                delta = value - self._reported.get(key, 0.0)
+                if delta > 0:
+                    metric.increment(delta)
+            self._reported[key] = value
+        self._last_flush = time.monotonic()
+
+    def _on_engine_error(self, exc: BaseException, callback) -> None:
+        sender = getattr(callback, "sender", None)
+        if sender is not None:
+            _send_error(sender, f"generation failed: {exc!r}")
+
+    # -- requests ---------------------------------------------------------------------------
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                gen, stream = parse_request(request)
+                responder = _Responder(sender, stream)
+                self.engine.submit(gen, responder, responder.is_cancelled)
+            except Exception as exc:  # bad input -> an error response, never a hang
+                _send_error(sender, str(exc))
+        # busy engines only flush metrics on idle; refresh them now and then while loaded
+        if self._metrics and time.monotonic() - self._last_flush > 1.0:
+            self._last_flush = time.monotonic()
+            threading.Thread(target=self._flush_metrics, daemon=True).start()
+        return None
+
+    def finalize(self) -> None:
+        self.engine.stop()
+        try:
+            self._flush_metrics()
+        except Exception:
+            pass
