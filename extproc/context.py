@@ -1,0 +1,83 @@
+"""The per-request context that every hook receives, and the small types hooks exchange."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from .config import TierConfig
+    from .openai_format import OpenAIRequest, Usage
+
+Outcome = Literal["pending", "completed", "replied", "aborted", "failed"]
+
+
+@dataclass(slots=True)
+class TierChoice:
+    """A routing decision: the tier, and why (shown in ``x-extproc-tier-reason``)."""
+
+    tier: str
+    reason: str = ""
+
+
+@dataclass(slots=True)
+class UpstreamRequest:
+    """The request as it will go to the tier's Envoy cluster; hooks may change it in place."""
+
+    path: str
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class ResponseChunk:
+    """One piece of the answer on its way to the client."""
+
+    text: str
+    data: bytes
+    index: int
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """Everything known about one request, carried through every hook.
+
+    Plugins read what earlier phases set and write what later ones (or later plugins) need; a
+    plugin keeps its own per-request data in ``ctx.plugin_state[<its name>]``.
+    """
+
+    request_id: str
+    method: str
+    path: str
+    headers: dict[str, str]
+    endpoint: Literal["chat", "completions"] | None = None
+    request: "OpenAIRequest | None" = None
+    tenant: str = "anonymous"
+    workflow: str | None = None
+    tier: str | None = None
+    tier_config: "TierConfig | None" = None
+    tier_reason: str = ""
+    prompt_tokens_estimate: int | None = None
+    usage: "Usage | None" = None
+    cost_usd: float | None = None
+    response_status: int | None = None
+    outcome: Outcome = "pending"
+    error: str | None = None
+    response_headers: dict[str, str] = field(default_factory=dict)
+    degraded: list[str] = field(default_factory=list)
+    plugin_state: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+    first_byte_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def stream(self) -> bool:
+        """Whether the client asked for a streamed (SSE) answer."""
+        return bool(self.request and self.request.stream)
+
+    @property
+    def elapsed_ms(self) -> float:
+        """Milliseconds since the request's headers arrived (until it finished, once it has)."""
+        end = self.finished_at or time.perf_counter()
+        return (end - self.started) * 1000.0

@@ -1,0 +1,68 @@
+"""The state one worker process shares across its streams: configuration, tiers and plugins."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .config import GatewayConfig, TierConfig
+from .plugins import HookRunner, load_plugins
+
+log = logging.getLogger(__name__)
+
+
+class TierRegistry:
+    """The configured tiers, looked up by tier name or public alias."""
+
+    def __init__(self, config: GatewayConfig):
+        self.tiers: dict[str, TierConfig] = dict(config.tiers)
+        self.default = config.default_tier
+        self.auto_model = config.auto_model
+        self._by_name: dict[str, str] = {}
+        for name, tier in self.tiers.items():
+            self._by_name[name] = name
+            for alias in tier.aliases:
+                self._by_name[alias] = name
+
+    def resolve(self, model: str) -> str | None:
+        """The tier a model name pins, or None (``auto`` and unknown names pin nothing)."""
+        return self._by_name.get(model)
+
+    def public_models(self) -> list[str]:
+        """Every model name a client may send: ``auto``, tier names and aliases."""
+        return [self.auto_model, *self._by_name]
+
+
+class Gateway:
+    """One worker's shared state; builds a :class:`~extproc.lifecycle.RequestLifecycle` per stream."""
+
+    def __init__(self, config: GatewayConfig, *, extra_plugins: tuple[tuple[str, Any, dict], ...] = ()):
+        self.config = config
+        self.tiers = TierRegistry(config)
+        pm, loaded = load_plugins(config, extra=extra_plugins)
+        self.hooks = HookRunner(pm, loaded)
+        self.max_request_bytes = config.server.max_request_bytes
+        self.models_list = {
+            "object": "list",
+            "data": [{"id": m, "object": "model", "created": 0, "owned_by": "llm-extproc"}
+                     for m in self.tiers.public_models()],
+        }
+
+    @property
+    def plugin_names(self) -> list[str]:
+        """The loaded plugins, in call order."""
+        return [p.name for p in self.hooks.plugins]
+
+    async def start(self) -> None:
+        """Run every plugin's ``extproc_startup``; a failure here stops the worker from starting."""
+        await self.hooks.each("extproc_startup", None, gateway=self)
+
+    async def stop(self) -> None:
+        """Run every plugin's ``extproc_shutdown``."""
+        await self.hooks.each("extproc_shutdown", None, gateway=self)
+
+    def new_stream(self):
+        """A handler for one ext_proc stream (one HTTP request)."""
+        from .lifecycle import RequestLifecycle
+
+        return RequestLifecycle(self)

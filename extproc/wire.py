@@ -1,0 +1,181 @@
+"""The ext_proc stream state machine: Envoy's ``ExternalProcessor/Process`` over grpc.aio.
+
+One gRPC stream carries one HTTP request. Each message Envoy sends is one phase (request headers,
+request body, request trailers, response headers, response body chunk, response trailers); each gets
+exactly one answer, even an empty final body chunk. The servicer knows nothing of OpenAI or of
+policies: it turns each message into a call on a :class:`StreamHandler` built for the stream, and
+the handler's :mod:`~extproc.decisions` back into ext_proc messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from envoy.type.v3 import http_status_pb2
+
+from .decisions import Continue, Decision, Reply
+
+log = logging.getLogger(__name__)
+
+Headers = dict[str, str]
+
+
+class StreamHandler(Protocol):
+    """What the wire layer calls for one HTTP request; every method returns a decision."""
+
+    async def request_headers(self, headers: Headers, end_of_stream: bool) -> Decision: ...
+    async def request_body(self, body: bytes, end_of_stream: bool) -> Decision: ...
+    async def request_trailers(self, trailers: Headers) -> Decision: ...
+    async def response_headers(self, headers: Headers, end_of_stream: bool) -> Decision: ...
+    async def response_body(self, chunk: bytes, end_of_stream: bool) -> Decision: ...
+    async def response_trailers(self, trailers: Headers) -> Decision: ...
+    async def stream_closed(self, cancelled: bool) -> None:
+        """The gRPC stream ended; ``cancelled`` when Envoy (or the client behind it) went away."""
+
+    def internal_error(self, exc: BaseException) -> Reply:
+        """The reply for a bug in the handler itself (never for a policy's own failure)."""
+
+
+def header_map(msg) -> Headers:
+    """Envoy's HeaderMap as a dict of lower-case names; repeated headers are joined with ','."""
+    out: Headers = {}
+    for h in msg.headers:
+        value = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+        key = h.key
+        out[key] = f"{out[key]},{value}" if key in out else value
+    return out
+
+
+def _header_mutation(set_headers, remove_headers) -> pb.HeaderMutation:
+    return pb.HeaderMutation(
+        set_headers=[
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=k, raw_value=v.encode()),
+                append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+            )
+            for k, v in set_headers
+        ],
+        remove_headers=remove_headers,
+    )
+
+
+def common_response(decision: Continue) -> pb.CommonResponse:
+    """A :class:`Continue` as the CommonResponse of a headers or body answer."""
+    common = pb.CommonResponse(clear_route_cache=decision.clear_route_cache)
+    if decision.set_headers or decision.remove_headers:
+        common.header_mutation.CopyFrom(_header_mutation(decision.set_headers, decision.remove_headers))
+    if decision.body is not None:
+        if decision.body:
+            common.body_mutation.body = decision.body
+        else:
+            common.body_mutation.clear_body = True
+    return common
+
+
+def immediate_response(reply: Reply) -> pb.ProcessingResponse:
+    """A :class:`Reply` as Envoy's ImmediateResponse."""
+    imm = pb.ImmediateResponse(
+        status=http_status_pb2.HttpStatus(code=reply.status),
+        body=reply.body,
+        details=reply.details or "extproc_reply",
+    )
+    if reply.headers:
+        imm.headers.CopyFrom(_header_mutation(reply.headers, ()))
+    return pb.ProcessingResponse(immediate_response=imm)
+
+
+def _answer(phase: str, decision: Decision) -> pb.ProcessingResponse:
+    if isinstance(decision, Reply):
+        return immediate_response(decision)
+    if phase in ("request_trailers", "response_trailers"):
+        trailers = pb.TrailersResponse()
+        if decision.set_headers or decision.remove_headers:
+            trailers.header_mutation.CopyFrom(_header_mutation(decision.set_headers, decision.remove_headers))
+        return pb.ProcessingResponse(**{phase: trailers})
+    common = common_response(decision)
+    if phase.endswith("_headers"):
+        return pb.ProcessingResponse(**{phase: pb.HeadersResponse(response=common)})
+    return pb.ProcessingResponse(**{phase: pb.BodyResponse(response=common)})
+
+
+@dataclass(slots=True)
+class StreamState:
+    """What the servicer tracks for one gRPC stream (one HTTP request)."""
+
+    handler: StreamHandler
+    phases: int = 0
+    replied: bool = False
+
+
+class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
+    """The ext_proc servicer: one :class:`StreamHandler` per stream from ``handler_factory``."""
+
+    def __init__(self, handler_factory: Callable[[], StreamHandler]):
+        self._new_handler = handler_factory
+        self.active_streams = 0
+
+    async def Process(self, request_iterator, context):
+        state = StreamState(self._new_handler())
+        self.active_streams += 1
+        cancelled = True
+        try:
+            async for request in request_iterator:
+                answer = await self._phase(state, request)
+                if answer is None:
+                    continue
+                state.phases += 1
+                yield answer
+                if answer.HasField("immediate_response"):
+                    state.replied = True
+                    break
+            cancelled = False
+        except asyncio.CancelledError:
+            raise
+        finally:
+            self.active_streams -= 1
+            try:
+                await state.handler.stream_closed(cancelled and not state.replied)
+            except Exception:  # the stream is over; nothing left to answer
+                log.exception("stream_closed failed")
+
+    async def _phase(self, state: StreamState, request: pb.ProcessingRequest):
+        phase = request.WhichOneof("request")
+        handler = state.handler
+        try:
+            if phase == "request_headers":
+                m = request.request_headers
+                decision = await handler.request_headers(header_map(m.headers), m.end_of_stream)
+            elif phase == "request_body":
+                m = request.request_body
+                decision = await handler.request_body(m.body, m.end_of_stream)
+            elif phase == "response_headers":
+                m = request.response_headers
+                decision = await handler.response_headers(header_map(m.headers), m.end_of_stream)
+            elif phase == "response_body":
+                m = request.response_body
+                decision = await handler.response_body(m.body, m.end_of_stream)
+            elif phase == "request_trailers":
+                decision = await handler.request_trailers(header_map(request.request_trailers.trailers))
+            elif phase == "response_trailers":
+                decision = await handler.response_trailers(header_map(request.response_trailers.trailers))
+            else:  # a message with no phase we know (newer Envoy): nothing to answer
+                log.warning("ext_proc message without a known phase: %s", phase)
+                return None
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug in the handler: answer, never leave Envoy waiting
+            log.exception("handler failed in %s", phase)
+            decision = handler.internal_error(exc)
+        return _answer(phase, decision)
+
+
+def add_to_server(servicer: ExternalProcessor, server: grpc.aio.Server) -> None:
+    """Register the ext_proc servicer on a grpc.aio server."""
+    pb_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
