@@ -47,8 +47,8 @@ class TierConfig:
 
 TIERS: dict[str, TierConfig] = {
     "small": TierConfig("small", d_model=64, n_layers=2, n_heads=2, seed=11),
-    "medium": TierConfig("medium", d_model=192, n_layers=4, n_heads=4, seed=22),
-    "large": TierConfig("large", d_model=384, n_layers=8, n_heads=6, seed=33),
+    "medium": TierConfig("medium", d_model=256, n_layers=4, n_heads=4, seed=22),
+    "large": TierConfig("large", d_model=512, n_layers=8, n_heads=8, seed=33),
 }
 
 
