@@ -1,0 +1,173 @@
+"""The ``extproc`` command: thin sub-commands over the layers below."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+from .config import ConfigError, load_config
+
+
+def _overrides(args) -> dict:
+    server: dict = {}
+    for key in ("host", "port", "workers", "log_level"):
+        value = getattr(args, key, None)
+        if value is not None:
+            server[key] = value
+    out: dict = {"server": server} if server else {}
+    if getattr(args, "redis", None):
+        out["state"] = {"redis_url": args.redis}
+    return out
+
+
+def cmd_serve(args) -> int:
+    """Run the ext_proc gRPC service (several worker processes on one port)."""
+    from .server import configure_logging, serve
+
+    config = load_config(args.config, overrides=_overrides(args))
+    configure_logging(config.server.log_level)
+    return serve(config)
+
+
+def cmd_check_config(args) -> int:
+    """Validate a configuration file and the plugins it names."""
+    from .gateway import Gateway
+
+    config = load_config(args.config)
+    gateway = Gateway(config)
+    print(f"configuration OK: {len(config.tiers)} tier(s) ({', '.join(config.tiers)}), "
+          f"plugins in order: {', '.join(gateway.plugin_names) or 'none'}")
+    return 0
+
+
+def cmd_plugins(args) -> int:
+    """List installed plugins and the hooks each implements."""
+    from .gateway import Gateway
+    from .hookspecs import HOOK_NAMES
+    from .plugins import installed_plugins
+
+    config = load_config(args.config)
+    gateway = Gateway(config)
+    loaded = set(gateway.plugin_names)
+    rows = []
+    for name, ep in sorted(installed_plugins().items()):
+        hooks = [h for h in HOOK_NAMES if name in gateway.hooks.implementers(h)]
+        rows.append({"name": name, "target": ep.value, "loaded": name in loaded, "hooks": hooks})
+    print(json.dumps(rows, indent=2))
+    return 0
+
+
+def cmd_up(args) -> int:
+    """Start Triton (CPU models), the ext_proc service and Envoy; Ctrl-C stops them all."""
+    from .stack import Stack, StackPorts
+
+    config_path = Path(args.config).resolve() if args.config else None
+    load_config(config_path)  # fail before starting anything
+    ports = StackPorts(listen=args.listen_port, admin=args.admin_port, extproc=args.extproc_port,
+                       triton_http=args.triton_port, triton_grpc=args.triton_port + 1,
+                       triton_metrics=args.triton_port + 2)
+    stack = Stack(Path(args.work_dir).resolve(), ports=ports, config_path=config_path,
+                  models=tuple(args.models.split(",")), workers=args.workers, redis_url=args.redis)
+    stopping = False
+
+    def _stop(signum, _frame):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    print("starting Triton, the ext_proc service and Envoy ...", flush=True)
+    started = time.monotonic()
+    stack.start()
+    p = stack.ports
+    print(f"""
+llm-extproc is up ({time.monotonic() - started:.1f}s)
+
+  OpenAI API (through Envoy)  {stack.base_url}
+  models                      auto, small/medium/large (llm-small, llm-medium, llm-large)
+  ext_proc service            127.0.0.1:{p.extproc}  (gRPC, grpc.health.v1)
+  Triton                      http://127.0.0.1:{p.triton_http}  (metrics :{p.triton_metrics})
+  Envoy admin                 http://127.0.0.1:{p.admin}
+  state                       {args.redis or 'in memory'}
+  logs                        {stack.work_dir / 'logs'}
+
+Try it:
+  curl -s {stack.base_url}/chat/completions -H 'content-type: application/json' \\
+    -d '{{"model": "auto", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
+
+Ctrl-C stops everything.
+""", flush=True)
+    try:
+        while not stopping:
+            for proc in (stack.envoy, stack.service):
+                if not proc.alive():
+                    print(f"{proc.name} exited unexpectedly:\n{proc.log_tail()}", file=sys.stderr)
+                    return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("\nstopping ...", flush=True)
+        stack.stop()
+        print("stopped.", flush=True)
+    return 0
+
+
+def cmd_triton_fill(args) -> int:
+    """Fill the templated TensorRT-LLM model repository for one deployment."""
+    from .trtllm_fill import main as fill_main
+
+    return fill_main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="extproc", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help=cmd_serve.__doc__)
+    serve.add_argument("--config", help="YAML configuration (default: $EXTPROC_CONFIG or the embedded default)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=int, help="worker processes (default: config, 0 = one per core)")
+    serve.add_argument("--redis", metavar="URL", help="keep shared state in Redis")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=cmd_serve)
+
+    up = sub.add_parser("up", help=cmd_up.__doc__)
+    up.add_argument("--config")
+    up.add_argument("--listen-port", type=int, default=10000, help="Envoy's OpenAI listener")
+    up.add_argument("--admin-port", type=int, default=9901)
+    up.add_argument("--extproc-port", type=int, default=50051)
+    up.add_argument("--triton-port", type=int, default=8000, help="Triton HTTP (gRPC and metrics use the next two)")
+    up.add_argument("--workers", type=int)
+    up.add_argument("--redis", metavar="URL")
+    up.add_argument("--models", default="llm-small,llm-medium,llm-large")
+    up.add_argument("--work-dir", default=".run")
+    up.set_defaults(func=cmd_up)
+
+    check = sub.add_parser("check-config", help=cmd_check_config.__doc__)
+    check.add_argument("config", nargs="?")
+    check.set_defaults(func=cmd_check_config)
+
+    plugins = sub.add_parser("plugins", help=cmd_plugins.__doc__)
+    plugins.add_argument("--config")
+    plugins.set_defaults(func=cmd_plugins)
+
+    triton = sub.add_parser("triton", help="Triton model repository tools")
+    tsub = triton.add_subparsers(dest="triton_command", required=True)
+    fill = tsub.add_parser("fill", help=cmd_triton_fill.__doc__, add_help=False)
+    fill.add_argument("rest", nargs=argparse.REMAINDER)
+    fill.set_defaults(func=cmd_triton_fill)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"extproc: configuration error:\n{err}", file=sys.stderr)
+        return 2

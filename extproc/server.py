@@ -1,0 +1,180 @@
+"""Running the ext_proc service: one grpc.aio server per worker process, several workers on one port.
+
+Each worker binds the same address with ``SO_REUSEPORT``, so the kernel spreads Envoy's
+connections across them and every core is used. Each serves ``grpc.health.v1`` (overall and for
+``envoy.service.ext_proc.v3.ExternalProcessor``). On SIGTERM or SIGINT a worker reports
+NOT_SERVING, stops taking new streams, lets in-flight ones finish for ``grace_seconds``, runs the
+plugins' shutdown hooks and exits; the parent forwards the signal to every worker and waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+
+from .config import GatewayConfig
+from .gateway import Gateway
+from .wire import ExternalProcessor, add_to_server
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def grpc_options(max_request_bytes: int) -> list[tuple[str, int]]:
+    """Server options: SO_REUSEPORT, and message limits above the largest body we accept."""
+    limit = max(MAX_MESSAGE_BYTES, 2 * max_request_bytes)
+    return [
+        ("grpc.so_reuseport", 1),
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+    ]
+
+
+@dataclass
+class RunningWorker:
+    """A started worker: the server and what it needs to stop cleanly."""
+
+    server: grpc.aio.Server
+    health: HealthServicer
+    processor: ExternalProcessor
+    gateway: Gateway
+    port: int
+
+    async def drain_and_stop(self, grace: float) -> None:
+        """NOT_SERVING first, so health checks see it; then stop with a grace period."""
+        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(grace)
+        await self.gateway.stop()
+
+
+async def start_worker(config: GatewayConfig, *, gateway: Gateway | None = None) -> RunningWorker:
+    """Build the gateway, run plugin start-up, and start serving on the configured address."""
+    gateway = gateway or Gateway(config)
+    await gateway.start()
+    server = grpc.aio.server(options=grpc_options(config.server.max_request_bytes))
+    processor = ExternalProcessor(gateway.new_stream)
+    add_to_server(processor, server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    port = server.add_insecure_port(f"{config.server.host}:{config.server.port}")
+    if port == 0:
+        raise OSError(f"cannot listen on {config.server.host}:{config.server.port}")
+    await server.start()
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    return RunningWorker(server, health, processor, gateway, port)
+
+
+async def serve_worker(config: GatewayConfig, ready=None) -> None:
+    """Serve until SIGTERM/SIGINT, then drain and return."""
+    worker = await start_worker(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("worker %d serving ext_proc on %s:%d with plugins %s",
+             os.getpid(), config.server.host, worker.port, ", ".join(worker.gateway.plugin_names))
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    log.info("worker %d draining (%d stream(s) in flight, grace %.1fs)",
+             os.getpid(), worker.processor.active_streams, config.server.grace_seconds)
+    await worker.drain_and_stop(config.server.grace_seconds)
+
+
+def configure_logging(level: str) -> None:
+    """Plain one-line logs on stderr, with the process id (several workers share the terminal)."""
+    logging.basicConfig(
+        level=level.upper(), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
+    )
+
+
+def _worker_main(config: GatewayConfig, ready) -> None:
+    configure_logging(config.server.log_level)
+    try:
+        asyncio.run(serve_worker(config, ready))
+    except Exception:
+        log.exception("worker failed")
+        sys.exit(1)
+
+
+def reserve_port(host: str, port: int) -> tuple[int, socket.socket | None]:
+    """For port 0, pick a free port and hold it (bound, not listening, SO_REUSEPORT) for the workers."""
+    if port != 0:
+        return port, None
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, 0))
+    return sock.getsockname()[1], sock
+
+
+def serve(config: GatewayConfig, *, on_ready=None) -> int:
+    """Run ``config.server.workers`` worker processes on one port until SIGTERM/SIGINT.
+
+    :param on_ready: called with the port once every worker is serving.
+    :return: the exit status (0 when every worker drained cleanly).
+    """
+    workers = config.server.workers or os.cpu_count() or 1
+    port, holder = reserve_port(config.server.host, config.server.port)
+    config = config.model_copy(update={"server": config.server.model_copy(update={"port": port})})
+    ctx = multiprocessing.get_context("spawn")
+    procs, events = [], []
+    for _ in range(workers):
+        ready = ctx.Event()
+        proc = ctx.Process(target=_worker_main, args=(config, ready), daemon=False)
+        proc.start()
+        procs.append(proc)
+        events.append(ready)
+
+    stopping = False
+
+    def forward(signum, _frame):
+        nonlocal stopping
+        stopping = True
+        for p in procs:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    deadline = time.monotonic() + 60
+    while not all(e.is_set() for e in events):
+        if any(not p.is_alive() for p in procs) or time.monotonic() > deadline:
+            forward(signal.SIGTERM, None)
+            for p in procs:
+                p.join(config.server.grace_seconds + 5)
+            log.error("a worker failed to start")
+            return 1
+        time.sleep(0.02)
+    if holder is not None:
+        holder.close()
+    log.info("ext_proc service ready on %s:%d with %d worker(s)", config.server.host, port, workers)
+    if on_ready is not None:
+        on_ready(port)
+    status = 0
+    for p in procs:
+        while p.is_alive():
+            p.join(0.5)
+            if not stopping and any(not q.is_alive() for q in procs):
+                log.error("a worker exited unexpectedly; stopping the others")
+                forward(signal.SIGTERM, None)
+        status = status or (p.exitcode or 0)
+    return status

@@ -1,0 +1,217 @@
+"""Starting the whole local stack: Triton with the CPU models, the ext_proc service, and Envoy.
+
+Used by ``extproc up`` and by the end-to-end tests, so both start exactly the same processes.
+Every process is a real binary on loopback ports; :class:`Stack` starts them in dependency order,
+waits until each is ready, and stops them in reverse order.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from .tritonserver import TritonProcess, free_port
+
+DEFAULT_MODELS = ("llm-small", "llm-medium", "llm-large")
+
+
+def project_root() -> Path:
+    """The checkout holding ``envoy/`` and ``triton_models/`` (the working directory, or the package's parent)."""
+    for candidate in (Path.cwd(), Path(__file__).resolve().parent.parent):
+        if (candidate / "envoy" / "envoy.yaml").exists() and (candidate / "triton_models").is_dir():
+            return candidate
+    raise FileNotFoundError("cannot find envoy/envoy.yaml and triton_models/: run from the llm-extproc checkout")
+
+
+class ManagedProcess:
+    """A child process with its output in a log file, stopped with SIGTERM then SIGKILL."""
+
+    def __init__(self, name: str, cmd: list[str], log_path: Path, env: dict | None = None):
+        self.name, self.cmd, self.log_path, self.env = name, cmd, log_path, env
+        self.proc: subprocess.Popen | None = None
+        self._log: IO[bytes] | None = None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=self._log,
+                                     stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "<no log>"
+
+    def wait_until(self, check, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}) before {what}:\n{self.log_tail()}")
+            if check():
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name} not {what} after {timeout:.0f}s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        if self._log:
+            self._log.close()
+        return self.proc.returncode
+
+
+def grpc_serving(port: int, host: str = "127.0.0.1", timeout: float = 1.0) -> bool:
+    """Whether the ext_proc service on ``port`` answers its health check with SERVING."""
+    try:
+        with grpc.insecure_channel(f"{host}:{port}") as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            return reply.status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
+        return False
+
+
+def http_ok(url: str, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def service_command(config_path: Path | None, port: int, workers: int | None, redis_url: str | None,
+                    host: str = "127.0.0.1") -> list[str]:
+    """The command line that starts the ext_proc service (``extproc serve``)."""
+    cmd = [sys.executable, "-m", "extproc", "serve", "--host", host, "--port", str(port)]
+    if config_path:
+        cmd += ["--config", str(config_path)]
+    if workers:
+        cmd += ["--workers", str(workers)]
+    if redis_url:
+        cmd += ["--redis", redis_url]
+    return cmd
+
+
+@dataclass
+class StackPorts:
+    """Loopback ports of the stack; 0 picks a free one."""
+
+    listen: int = 10000
+    admin: int = 9901
+    extproc: int = 50051
+    triton_http: int = 8000
+    triton_grpc: int = 8001
+    triton_metrics: int = 8002
+    passthrough: int = 8100
+
+    def resolved(self) -> "StackPorts":
+        return StackPorts(**{k: v or free_port() for k, v in self.__dict__.items()})
+
+
+@dataclass
+class Stack:
+    """Triton + ext_proc service + Envoy, started together and stopped together."""
+
+    work_dir: Path
+    ports: StackPorts = field(default_factory=StackPorts)
+    config_path: Path | None = None
+    models: tuple[str, ...] = DEFAULT_MODELS
+    workers: int | None = None
+    redis_url: str | None = None
+    envoy_yaml: Path | None = None
+    triton_models: Path | None = None
+    with_triton: bool = True
+    triton: TritonProcess | None = None
+    service: ManagedProcess | None = None
+    envoy: ManagedProcess | None = None
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI base URL clients use (through Envoy)."""
+        return f"http://127.0.0.1:{self.ports.listen}/v1"
+
+    def start(self) -> "Stack":
+        root = project_root() if (self.envoy_yaml is None or self.triton_models is None) else None
+        self.envoy_yaml = self.envoy_yaml or root / "envoy" / "envoy.yaml"
+        self.triton_models = self.triton_models or root / "triton_models"
+        self.ports = self.ports.resolved()
+        logs = self.work_dir / "logs"
+        try:
+            if self.with_triton:
+                self.triton = TritonProcess(
+                    self.triton_models, http_port=self.ports.triton_http, grpc_port=self.ports.triton_grpc,
+                    metrics_port=self.ports.triton_metrics, work_dir=self.work_dir / "triton",
+                    log_path=logs / "triton.log", models=list(self.models),
+                )
+                self.triton.start()
+            self.start_service()
+            self.start_envoy()
+            if self.triton is not None:
+                self.triton.wait_ready(timeout=180)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def start_service(self) -> None:
+        self.service = ManagedProcess(
+            "extproc service",
+            service_command(self.config_path, self.ports.extproc, self.workers, self.redis_url),
+            self.work_dir / "logs" / "extproc.log",
+        )
+        self.service.start()
+        self.service.wait_until(lambda: grpc_serving(self.ports.extproc), 60, "serving")
+
+    def stop_service(self) -> int | None:
+        return self.service.stop() if self.service else None
+
+    def start_envoy(self) -> None:
+        from .envoy_config import envoy_binary, write_envoy_config
+
+        config = write_envoy_config(
+            self.envoy_yaml, self.work_dir / "envoy.yaml",
+            listen_port=self.ports.listen, admin_port=self.ports.admin, extproc_port=self.ports.extproc,
+            triton_port=self.ports.triton_http, passthrough_port=self.ports.passthrough,
+        )
+        self.envoy = ManagedProcess(
+            "envoy",
+            [envoy_binary(), "-c", str(config), "--use-dynamic-base-id", "--log-level", "warn",
+             "--concurrency", "2"],
+            self.work_dir / "logs" / "envoy.log",
+        )
+        self.envoy.start()
+        self.envoy.wait_until(lambda: http_ok(f"http://127.0.0.1:{self.ports.admin}/ready"), 30, "ready")
+
+    def stop(self) -> None:
+        """Stop Envoy, then the service, then Triton."""
+        for proc in (self.envoy, self.service):
+            if proc is not None:
+                proc.stop()
+        if self.triton is not None:
+            self.triton.stop()
+
+    def __enter__(self) -> "Stack":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
