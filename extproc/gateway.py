@@ -36,7 +36,7 @@ class TierRegistry:
 class Gateway:
     """One worker's shared state; builds a :class:`~extproc.lifecycle.RequestLifecycle` per stream."""
 
-    def __init__(self, config: GatewayConfig, *, extra_plugins: tuple[tuple[str, Any, dict], ...] = ()):
+    def __init__(self, config: GatewayConfig, *, extra_plugins: tuple[tuple[str, Any, dict, bool], ...] = ()):
         self.config = config
         self.tiers = TierRegistry(config)
         pm, loaded = load_plugins(config, extra=extra_plugins)

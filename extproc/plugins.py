@@ -95,12 +95,13 @@ class LoadedPlugin:
     fail_open: bool
 
 
-def load_plugins(config: GatewayConfig, *, extra: tuple[tuple[str, Any, dict], ...] = ()) -> tuple[pluggy.PluginManager, list[LoadedPlugin]]:
+def load_plugins(config: GatewayConfig, *, extra: tuple[tuple[str, Any, dict, bool], ...] = ()
+                 ) -> tuple[pluggy.PluginManager, list[LoadedPlugin]]:
     """Create the plugin manager and register the configured plugins in call order.
 
     :param config: the validated gateway configuration.
-    :param extra: ``(name, object_or_class, settings)`` plugins to add after the configured ones
-        without an entry point (used by :mod:`extproc.testing`).
+    :param extra: ``(name, object_or_class, settings, fail_open)`` plugins to add after the
+        configured ones without an entry point (used by :mod:`extproc.testing`).
     """
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
@@ -122,8 +123,8 @@ def load_plugins(config: GatewayConfig, *, extra: tuple[tuple[str, Any, dict], .
         target = available[entry.name].load()
         obj = build_plugin(entry.name, target, entry.settings, where)
         loaded.append(LoadedPlugin(entry.name, obj, entry.on_error == "fail_open"))
-    for name, target, settings in extra:
-        loaded.append(LoadedPlugin(name, build_plugin(name, target, settings, f"plugin {name}"), False))
+    for name, target, settings, fail_open in extra:
+        loaded.append(LoadedPlugin(name, build_plugin(name, target, settings, f"plugin {name}"), fail_open))
     # pluggy calls the most recently registered implementation first: register in reverse so
     # that hooks run in configuration order (tryfirst/trylast still apply, as in pluggy).
     for plugin in reversed(loaded):

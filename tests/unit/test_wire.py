@@ -1,0 +1,139 @@
+"""The ext_proc wire layer over a real grpc.aio server, with a gRPC client playing Envoy."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from extproc.config import load_config
+from extproc.server import SERVICE_NAME, start_worker
+from extproc.testing import triton_answer
+
+
+def hmap(**headers) -> base_pb2.HeaderMap:
+    return base_pb2.HeaderMap(headers=[
+        base_pb2.HeaderValue(key=k.replace("_", "-") if not k.startswith("_") else ":" + k[1:], raw_value=v.encode())
+        for k, v in headers.items()
+    ])
+
+
+def chat_body(stream=False) -> bytes:
+    return json.dumps({"model": "auto", "stream": stream,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+
+@pytest.fixture
+async def worker():
+    config = load_config(None, overrides={"server": {"port": 0}, "plugins": [{"name": "model_tiers"}]})
+    running = await start_worker(config)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+    yield running, channel
+    await channel.close()
+    await running.drain_and_stop(0)
+
+
+async def exchange(channel, messages):
+    """Send every message on one stream; return every answer."""
+    stub = pb_grpc.ExternalProcessorStub(channel)
+
+    async def gen():
+        for m in messages:
+            yield m
+
+    return [answer async for answer in stub.Process(gen())]
+
+
+def request_phases(body: bytes):
+    return [
+        pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=hmap(
+            _method="POST", _path="/v1/chat/completions", content_length=str(len(body))))),
+        pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True)),
+    ]
+
+
+async def test_every_phase_answered_once_including_empty_final_chunk_and_trailers(worker):
+    _, channel = worker
+    chunks = triton_answer("one two three", stream=True)
+    messages = request_phases(chat_body(stream=True)) + [
+        pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=hmap(_status="200"))),
+        *[pb.ProcessingRequest(response_body=pb.HttpBody(body=c)) for c in chunks],
+        pb.ProcessingRequest(response_body=pb.HttpBody(body=b"", end_of_stream=True)),  # empty final chunk
+        pb.ProcessingRequest(response_trailers=pb.HttpTrailers(trailers=hmap(grpc_status="0"))),
+    ]
+    answers = await exchange(channel, messages)
+    kinds = [a.WhichOneof("response") for a in answers]
+    assert kinds == [m.WhichOneof("request") for m in messages]
+    # The request body answer rewrites path and body and re-picks the route.
+    body_answer = answers[1].request_body.response
+    assert body_answer.clear_route_cache
+    set_headers = {h.header.key: h.header.raw_value.decode() for h in body_answer.header_mutation.set_headers}
+    assert set_headers[":path"] == "/v2/models/llm-small/generate_stream"
+    assert set_headers["x-extproc-tier"] == "small"
+    assert json.loads(body_answer.body_mutation.body)["stream"] is True
+    # The empty final chunk is answered, and carries the end of the OpenAI stream.
+    streamed = b"".join(a.response_body.response.body_mutation.body for a in answers[3:-1])
+    assert streamed.count(b"data: [DONE]") == 1
+    assert streamed.endswith(b"data: [DONE]\n\n")
+
+
+async def test_sse_event_split_across_two_chunks_is_translated(worker):
+    _, channel = worker
+    whole = b"".join(triton_answer("alpha beta", stream=True))
+    cut = whole.index(b"beta") - 3  # inside the second event's JSON
+    messages = request_phases(chat_body(stream=True)) + [
+        pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=hmap(_status="200"))),
+        pb.ProcessingRequest(response_body=pb.HttpBody(body=whole[:cut])),
+        pb.ProcessingRequest(response_body=pb.HttpBody(body=whole[cut:], end_of_stream=True)),
+    ]
+    answers = await exchange(channel, messages)
+    first = answers[3].response_body.response.body_mutation
+    second = answers[4].response_body.response.body_mutation
+    text = b"".join([first.body, second.body]).decode()
+    events = [json.loads(line[6:]) for line in text.split("\n\n") if line.startswith("data: {")]
+    content = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+    assert content == "alpha beta"
+    assert b"beta" not in first.body  # the split event waited for its second half
+
+
+async def test_bad_input_answers_with_immediate_response_and_ends_the_stream(worker):
+    _, channel = worker
+    answers = await exchange(channel, request_phases(b'{"model": "auto"}'))
+    assert len(answers) == 2
+    imm = answers[1].immediate_response
+    assert imm.status.code == 400
+    assert json.loads(imm.body)["error"]["param"] == "messages"
+    headers = {h.header.key: h.header.raw_value.decode() for h in imm.headers.set_headers}
+    assert headers["content-type"] == "application/json"
+
+
+async def test_client_internal_headers_are_removed(worker):
+    _, channel = worker
+    stub = pb_grpc.ExternalProcessorStub(channel)
+
+    async def gen():
+        yield pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=hmap(
+            _method="POST", _path="/v1/chat/completions", x_extproc_tier="large", x_extproc_tenant="root")))
+
+    answers = [a async for a in stub.Process(gen())]
+    removed = set(answers[0].request_headers.response.header_mutation.remove_headers)
+    assert removed == {"x-extproc-tier", "x-extproc-tenant"}
+
+
+async def test_health_serving_then_not_serving_on_drain():
+    config = load_config(None, overrides={"server": {"port": 0}, "plugins": [{"name": "model_tiers"}]})
+    running = await start_worker(config)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", SERVICE_NAME):
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        await running.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=""))
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    await running.drain_and_stop(0)
