@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from .tritonserver import TritonProcess, free_port
 
 DEFAULT_MODELS = ("llm-small", "llm-medium", "llm-large")
+TRITON_CLUSTERS = ("tier_small", "tier_medium", "tier_large")
 
 
 def project_root() -> Path:
@@ -168,6 +169,8 @@ class Stack:
             self.start_envoy()
             if self.triton is not None:
                 self.triton.wait_ready(timeout=180)
+                self.envoy.wait_until(lambda: self.clusters_healthy(TRITON_CLUSTERS), 60,
+                                      "seeing Triton healthy")
         except BaseException:
             self.stop()
             raise
@@ -201,6 +204,20 @@ class Stack:
         )
         self.envoy.start()
         self.envoy.wait_until(lambda: http_ok(f"http://127.0.0.1:{self.ports.admin}/ready"), 30, "ready")
+
+    def clusters_healthy(self, clusters: tuple[str, ...]) -> bool:
+        """Whether Envoy's health checks see every host of these clusters as healthy."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.ports.admin}/clusters", timeout=2) as r:
+                text = r.read().decode()
+        except OSError:
+            return False
+        flags = {}
+        for line in text.splitlines():
+            parts = line.split("::")
+            if len(parts) == 4 and parts[2] == "health_flags":
+                flags[parts[0]] = parts[3]
+        return all(flags.get(c) == "healthy" for c in clusters)
 
     def stop(self) -> None:
         """Stop Envoy, then the service, then Triton."""

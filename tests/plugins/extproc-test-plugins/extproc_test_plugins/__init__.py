@@ -1,0 +1,25 @@
+"""Plugins that raise on demand, so the end-to-end tests can see each failure policy at work."""
+
+from extproc import hookimpl
+
+
+class _Raiser:
+    trigger = ""
+
+    @hookimpl
+    def extproc_request_parsed(self, ctx):
+        messages = ctx.request.messages or []
+        if any(self.trigger in m.text for m in messages):
+            raise RuntimeError(f"{type(self).__name__} raised as asked")
+
+
+class RaiserClosed(_Raiser):
+    """Raises when a message contains 'raise-closed' (configured fail_closed in the tests)."""
+
+    trigger = "raise-closed"
+
+
+class RaiserOpen(_Raiser):
+    """Raises when a message contains 'raise-open' (configured fail_open in the tests)."""
+
+    trigger = "raise-open"
