@@ -9,8 +9,9 @@ safe because \\r and \\n never occur inside a multi-byte UTF-8 sequence.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
+
+from extproc.openai_format import dumps
 
 __all__ = ["SSEEvent", "SSEParser", "encode_event", "DONE"]
 
@@ -131,7 +132,7 @@ def encode_event(data: str | bytes | dict | list, *, event: str | None = None, i
     """Encode one event: `b"data: ...\\n\\n"` (dict/list -> compact JSON; multi-line data
     becomes several `data:` lines). Optional `event:` and `id:` fields come first."""
     if isinstance(data, (dict, list)):
-        body = json.dumps(data, separators=(",", ":")).encode()
+        body = dumps(data)
     elif isinstance(data, str):
         body = data.encode("utf-8", "replace")
     else:

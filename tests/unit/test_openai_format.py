@@ -10,6 +10,7 @@ from openai.types.chat import ChatCompletion
 
 from extproc.openai_format import (
     ChatMessage,
+    dumps,
     OpenAIError,
     OpenAIRequest,
     Usage,
@@ -243,7 +244,7 @@ def test_unknown_endpoint():
 
 # --------------------------------------------------------------------------- parse: errors
 
-INVALID_JSON = [b"", b"{", b"not json", b'{"model": "m",}', b"\xff\xfe", b"[" * 100_000, b'{"a": NaN}',
+INVALID_JSON = [b"", b"{", b'\xef\xbb\xbf{"model":"m","prompt":"p"}', '{"model":"m","prompt":"p"}'.encode("utf-16"), b"not json", b'{"model": "m",}', b"\xff\xfe", b"[" * 100_000, b'{"a": NaN}',
                 b'{"model":"m","messages":[],"temperature":Infinity}', b'{"a": -Infinity}']
 
 
@@ -557,3 +558,21 @@ def test_new_completion_id():
     a, b = new_completion_id("chat"), new_completion_id("chat")
     assert a.startswith("chatcmpl-") and a != b and len(a) == len("chatcmpl-") + 24
     assert new_completion_id("completions").startswith("cmpl-")
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        {"a": [1, 2.5, -0.0, 1e300, None, True, False, "é🙂\n\"\\\x00"], "b": {"c": {}}, "d": []},
+        "plain", "é", 1, 2.5, None, True, [], {}, {"k": "\ud800"},
+        {1: "int key"},
+    ],
+)
+def test_dumps_matches_stdlib(obj):
+    assert dumps(obj) == json.dumps(obj, separators=(",", ":")).encode()
+    dumps(obj).decode("ascii")
+
+
+def test_dumps_rejects_unserialisable():
+    with pytest.raises(TypeError):
+        dumps({"a": object()})
