@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
 INTERNAL_PREFIX = "x-extproc-"
 TIER_HEADER = "x-extproc-tier"
+STREAM_HEADER = "x-extproc-stream"  # Envoy's stream routes: no overall timeout, safe retries only
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 MODELS_PATH = "/v1/models"
 
@@ -137,6 +138,7 @@ class RequestLifecycle:
             return self._reply(reply)
         headers = [
             (TIER_HEADER, ctx.tier),
+            (STREAM_HEADER, "true" if ctx.stream else "false"),
             (":path", upstream.path),
             ("content-type", "application/json"),
             ("content-length", str(len(upstream.body))),
