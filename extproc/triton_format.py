@@ -258,13 +258,14 @@ class StreamTranslator:
     extra `choices: []` usage chunk if stream_options.include_usage, and `[DONE]`. `finish()`
     does the same if the upstream stream ended without a finish_reason. An upstream error
     event becomes `data: {"error": {...}}` + `[DONE]`. `[DONE]` is sent exactly once and
-    nothing after it. See translate_generate_response for `count_tokens`, `prompt` and
-    `max_tokens`.
+    nothing after it. `text` is the completion so far; `last_text` the part of it that the
+    latest feed()/finish() call added. See translate_generate_response for `count_tokens`,
+    `prompt` and `max_tokens`.
     """
 
     __slots__ = (
         "req", "completion_id", "created", "model", "count_tokens", "prompt", "max_tokens",
-        "usage", "finish_reason", "error", "_parts", "_parser", "_prefix", "_chat",
+        "usage", "finish_reason", "error", "last_text", "_parts", "_fresh", "_parser", "_prefix", "_chat",
         "_started", "_closed", "_prompt_tokens", "_completion_tokens",
     )
 
@@ -289,7 +290,9 @@ class StreamTranslator:
         self.usage: Usage | None = None
         self.finish_reason: str | None = None
         self.error: OpenAIError | None = None
+        self.last_text = ""
         self._parts: list[str] = []
+        self._fresh: list[str] = []  # deltas added by the current feed()/finish() call
         self._parser = SSEParser()
         self._chat = req.endpoint == "chat"
         head = (
@@ -307,7 +310,16 @@ class StreamTranslator:
     @property
     def text(self) -> str:
         """The completion text received so far."""
-        return "".join(self._parts)
+        parts = self._parts
+        if len(parts) > 1:
+            parts[:] = ["".join(parts)]
+        return parts[0] if parts else ""
+
+    def _collect_new(self) -> None:
+        fresh = self._fresh
+        if fresh:
+            self.last_text = fresh[0] if len(fresh) == 1 else "".join(fresh)
+            fresh.clear()
 
     @property
     def done(self) -> bool:
@@ -316,6 +328,7 @@ class StreamTranslator:
 
     def feed(self, chunk: bytes) -> bytes:
         """Translate whatever complete upstream events `chunk` finishes (b"" if none)."""
+        self.last_text = ""
         if self._closed:
             return b""
         events = self._parser.feed(chunk)
@@ -326,22 +339,27 @@ class StreamTranslator:
             self._event(ev.data, out)
             if self._closed:
                 break
+        self._collect_new()
         return b"".join(out)
 
     def finish(self) -> bytes:
         """At the end of the upstream stream: flush, close the OpenAI stream, `[DONE]` once."""
+        self.last_text = ""
         if self._closed:
             return b""
         out: list[bytes] = []
         for ev in self._parser.flush():
             self._event(ev.data, out)
             if self._closed:
-                return b"".join(out)
-        self._close(None, out)
+                break
+        else:
+            self._close(None, out)
+        self._collect_new()
         return b"".join(out)
 
     def fail(self, error: OpenAIError) -> bytes:
         """End the stream with `error` (e.g. the upstream connection broke): error event + [DONE]."""
+        self.last_text = ""
         if self._closed:
             return b""
         out: list[bytes] = []
@@ -381,6 +399,7 @@ class StreamTranslator:
                 out.append(self._prefix + b'{"role":"assistant","content":""}' + _CHUNK_TAIL)
         if delta:
             self._parts.append(delta)
+            self._fresh.append(delta)
             if self._chat:
                 out.append(self._prefix + b'{"content":' + _json_str(delta).encode() + b"}" + _CHUNK_TAIL)
             else:

@@ -489,3 +489,24 @@ def test_stream_translator_escapes_ids_and_models():
     evs = out_events(run(t, [ev("a\"b\n", ct=1, fr="stop")]))
     assert evs[0]["id"] == 'c"1' and evs[0]["model"] == 'm\\"x'
     assert evs[1]["choices"][0]["delta"]["content"] == 'a"b\n'
+
+
+def test_stream_text_and_last_text():
+    t = StreamTranslator(req=chat_req(stream=True), completion_id="c", created=1, model="m", count_tokens=len)
+    t.feed(ev("ab", ct=1) + ev("c", ct=2))
+    assert t.last_text == "abc" and t.text == "abc"
+    t.feed(ev("d")[:5])
+    assert t.last_text == "" and t.text == "abc"
+    t.feed(ev("d")[5:] + ev("", fr="stop"))
+    assert t.last_text == "d" and t.text == "abcd" and t.text == "abcd"
+    assert t.usage == Usage(len("hi"), 2)
+    t.finish()
+    assert t.last_text == ""
+    t2 = StreamTranslator(req=chat_req(stream=True), completion_id="c", created=1, model="m", count_tokens=len)
+    t2.feed(ev("x"))
+    t2.feed(ev("yz").rstrip(b"\n"))
+    t2.finish()
+    assert t2.last_text == "yz" and t2.text == "xyz" and t2.usage.completion_tokens == 3
+    t3 = StreamTranslator(req=chat_req(stream=True), completion_id="c", created=1, model="m")
+    t3.feed(ev("p") + b'data: {"error": "x"}\n\n')
+    assert t3.last_text == "p" and t3.error is not None
