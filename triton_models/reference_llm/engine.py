@@ -113,6 +113,9 @@ def sample(logits: np.ndarray, req: GenRequest, rng: Optional[np.random.Generato
 
 
 class Engine:
+    #: prompts joining in the same step are prefilled together, up to this many tokens per pass
+    prefill_token_budget = 512
+
     def __init__(self, tier: str | TierConfig, max_active_sequences: int = 32) -> None:
         self.cfg = tier if isinstance(tier, TierConfig) else tier_config(tier)
         self.max_active = max(1, int(max_active_sequences))
@@ -125,6 +128,7 @@ class Engine:
         self._step_lock = threading.Lock()
         # statistics (read by the Triton adapter for metrics, and by tests)
         self.stats = collections.Counter()
+        self.timings: collections.Counter = collections.Counter()  # seconds: prefill/decode/emit
         self.max_batch_seen = 0
         self.on_idle: Optional[Callable[[], None]] = None
         self.on_error: Optional[Callable[[BaseException], None]] = None
@@ -219,28 +223,53 @@ class Engine:
             return False
 
     def _admit(self) -> None:
-        while len(self._active) < self.max_active:
-            with self._cv:
-                if not self._pending:
-                    return
+        """Move waiting requests into free slots: batched prefill, then each one's first token."""
+        joining: list[_Sequence] = []
+        with self._cv:
+            while self._pending and len(self._active) + len(joining) < self.max_active:
                 seq = self._pending.popleft()
-            if self._cancelled(seq):
-                self.stats["cancelled"] += 1
-                continue
-            slot = len(self._active)
-            logits = self.model.prefill(slot, seq.ids)
-            self.stats["prefill_tokens"] += len(seq.ids)
-            self.stats["prefills"] += 1
-            self._active.append(seq)
-            self._accept(seq, logits)
-            if seq.finished:
-                self._retire([slot])
+                if self._cancelled(seq):
+                    self.stats["cancelled"] += 1
+                    continue
+                joining.append(seq)
+        if not joining:
+            return
+        # group the prompts into prefill passes of at most PREFILL_TOKEN_BUDGET tokens
+        groups: list[list[_Sequence]] = [[]]
+        budget = 0
+        for seq in joining:
+            if groups[-1] and budget + len(seq.ids) > self.prefill_token_budget:
+                groups.append([])
+                budget = 0
+            groups[-1].append(seq)
+            budget += len(seq.ids)
+        for group in groups:
+            first_slot = len(self._active)
+            t0 = time.perf_counter()
+            logits = self.model.prefill_many(
+                list(range(first_slot, first_slot + len(group))), [s.ids for s in group]
+            )
+            self.timings["prefill"] += time.perf_counter() - t0
+            self.stats["prefill_passes"] += 1
+            done = []
+            for i, seq in enumerate(group):
+                self.stats["prefill_tokens"] += len(seq.ids)
+                self.stats["prefills"] += 1
+                self._active.append(seq)
+                self._accept(seq, logits[i])
+                if seq.finished:
+                    done.append(first_slot + i)
+            if done:
+                self._retire(done)
 
     def _decode_step(self) -> None:
         active = self._active
         ids = np.fromiter((s.last_token for s in active), dtype=np.int64, count=len(active))
         pos = np.fromiter((s.position for s in active), dtype=np.int64, count=len(active))
+        t0 = time.perf_counter()
         logits = self.model.decode(ids, pos)
+        t1 = time.perf_counter()
+        self.timings["decode"] += t1 - t0
         b = len(active)
         self.stats["decode_steps"] += 1
         self.stats["decode_tokens"] += b
@@ -257,6 +286,7 @@ class Engine:
             self._accept(seq, logits[i])
             if seq.finished:
                 done.append(i)
+        self.timings["emit"] += time.perf_counter() - t1
         if done:
             self._retire(done)
 

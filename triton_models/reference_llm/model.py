@@ -141,24 +141,41 @@ class ReferenceTransformer:
 
     # -- forward passes ---------------------------------------------------------------------
     def prefill(self, slot: int, ids: np.ndarray) -> np.ndarray:
-        """Run a whole prompt (``ids``, 1-D, includes BOS) into ``slot``; return last-position logits."""
+        """Run one prompt (``ids``, 1-D, includes BOS) into ``slot``; return last-position logits."""
+        return self.prefill_many([slot], [ids])[0]
+
+    def prefill_many(self, slots: list[int], prompts: list[np.ndarray]) -> np.ndarray:
+        """Prefill several prompts in ONE forward pass (batched prefill).
+
+        The prompts are concatenated into one ``[N, d]`` activation matrix so every weight
+        matrix is applied once for all of them; attention uses a block-diagonal causal mask so
+        each prompt only sees itself.  Each prompt's keys/values go to its cache slot.
+        Returns the logits of each prompt's last position, ``[len(prompts), vocab_out]``.
+        """
         cfg = self.cfg
-        t = len(ids)
-        if t < 1 or t > self.max_context:
-            raise ValueError(f"prompt length {t} outside 1..{self.max_context}")
+        lens = np.asarray([len(p) for p in prompts], dtype=np.int64)
+        if len(lens) == 0 or lens.min() < 1 or lens.max() > self.max_context:
+            raise ValueError(f"prompt lengths {lens.tolist()} outside 1..{self.max_context}")
+        n = int(lens.sum())
         h, dh = cfg.n_heads, cfg.head_dim
-        x = self._embed_ids(ids, np.arange(t))
-        causal = np.triu(np.full((t, t), -np.inf, np.float32), k=1)
+        ids = np.concatenate([np.asarray(p, dtype=np.int64) for p in prompts])
+        starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+        positions = np.arange(n) - np.repeat(starts, lens)
+        seg = np.repeat(np.arange(len(lens)), lens)
+        visible = (seg[:, None] == seg[None, :]) & (positions[:, None] >= positions[None, :])
+        mask = np.where(visible, np.float32(0.0), np.float32(-np.inf)).astype(np.float32)
+        x = self._embed_ids(ids, positions)
         for li, p in enumerate(self.layers):
-            a = _rmsnorm(x, p["g1"]) @ p["wqkv"]                       # [t, 3d]
-            q, k, v = a.reshape(t, 3, h, dh).transpose(1, 2, 0, 3)       # each [h, t, dh]
-            self.k_cache[li][slot, :, :t] = k
-            self.v_cache[li][slot, :, :t] = v
-            s = (q @ k.transpose(0, 2, 1)) * self._scale + causal        # [h, t, t]
-            o = _softmax_lastdim(s) @ v                                  # [h, t, dh]
-            x = x + o.transpose(1, 0, 2).reshape(t, -1) @ p["wo"]
+            a = _rmsnorm(x, p["g1"]) @ p["wqkv"]                       # [n, 3d]
+            q, k, v = a.reshape(n, 3, h, dh).transpose(1, 2, 0, 3)       # each [h, n, dh]
+            for slot, st, ln in zip(slots, starts, lens):
+                self.k_cache[li][slot, :, :ln] = k[:, st:st + ln]
+                self.v_cache[li][slot, :, :ln] = v[:, st:st + ln]
+            s = (q @ k.transpose(0, 2, 1)) * self._scale + mask          # [h, n, n]
+            o = _softmax_lastdim(s) @ v                                  # [h, n, dh]
+            x = x + o.transpose(1, 0, 2).reshape(n, -1) @ p["wo"]
             x = x + _gelu(_rmsnorm(x, p["g2"]) @ p["w1"]) @ p["w2"]
-        return self._logits(x[-1:])[0]
+        return self._logits(x[starts + lens - 1])
 
     def decode(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """One batched decode step for the sequences in slots ``0..B-1``.

@@ -155,6 +155,10 @@ class TritonPythonModel:
                 "prefills": ("reference_llm_prefills_total", "Prompts prefilled", "counter"),
                 "generated_tokens": ("reference_llm_generated_tokens_total", "Tokens generated", "counter"),
                 "max_batch": ("reference_llm_max_decode_batch", "Largest decode batch seen", "gauge"),
+                "t_prefill": ("reference_llm_prefill_seconds_total", "Time spent in prefill forward passes", "counter"),
+                "t_decode": ("reference_llm_decode_seconds_total", "Time spent in batched decode forward passes", "counter"),
+                "t_emit": ("reference_llm_emit_seconds_total",
+                           "Time spent sampling, detokenizing and sending responses after decode steps", "counter"),
             }
             for key, (name, desc, kind) in defs.items():
                 fam = pb_utils.MetricFamily(
@@ -175,6 +179,8 @@ class TritonPythonModel:
     def _flush_metrics_locked(self) -> None:
         stats = dict(self.engine.stats)
         stats["max_batch"] = self.engine.max_batch_seen
+        for k, v in dict(self.engine.timings).items():
+            stats["t_" + k] = v
         for key, (_fam, metric, kind) in self._metrics.items():
             value = float(stats.get(key, 0))
             if kind == "gauge":

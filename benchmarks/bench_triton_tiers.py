@@ -1,0 +1,258 @@
+#!/usr/bin/env python
+"""Benchmark the CPU reference LLM tiers behind a real tritonserver (run by hand, not in CI).
+
+For each tier and each number of concurrent streams (default 1, 4, 16, 32) it measures, with
+in-flight batching on (``max_active_sequences`` 32) and off (1):
+
+* tokens/s: generated tokens of all streams / wall time of the cell;
+* p50 / p99 time to first token (TTFT) of the streamed requests (``/generate_stream``);
+* server CPU ms per token: CPU time (user+sys) of tritonserver and its Python stubs during the
+  cell, divided by the tokens generated.
+
+Every stream sends ``--requests-per-stream`` streaming requests one after the other (at least
+``--min-requests`` requests per cell), each asking for ``--max-tokens`` tokens, so every request
+is measured to completion.  Also printed: the model-only CPU cost per token (in-process decode
+step at batch 1), and the two target ratios (batching speed-up at 16 streams on the large tier;
+large vs small CPU per token).
+
+    .venv/bin/python benchmarks/bench_triton_tiers.py            # the full table, a few minutes
+    .venv/bin/python benchmarks/bench_triton_tiers.py --tiers llm-small --concurrency 1 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "triton_models"))
+
+from extproc.tritonserver import TritonProcess, free_port  # noqa: E402
+
+TIERS = ["llm-small", "llm-medium", "llm-large"]
+PROMPTS = [
+    "Summarise the history of the printing press in three sentences.",
+    "Write a haiku about batching requests on a CPU.",
+    "Explain what a KV cache is to a new engineer.",
+    "List five reasons to put a gateway in front of an inference server.",
+]
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    xs = sorted(values)
+    k = (len(xs) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def _proc_group_cpu(pgid: int) -> float:
+    """user+sys CPU seconds of every live process in process group ``pgid``."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        # fields[0] is state (field 3); pgrp is field 5, utime 14, stime 15
+        if int(fields[2]) == pgid:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+@dataclass
+class Cell:
+    tier: str
+    batching: str
+    streams: int
+    requests: int = 0
+    tokens: int = 0
+    wall: float = 0.0
+    ttft: list[float] = field(default_factory=list)
+    cpu: float = 0.0
+    errors: int = 0
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.wall if self.wall else 0.0
+
+
+def stream_once(host: str, port: int, model: str, prompt: str, max_tokens: int) -> tuple[float, int]:
+    """One streamed request; returns (time to first token, tokens received)."""
+    conn = http.client.HTTPConnection(host, port, timeout=300)
+    try:
+        body = json.dumps({"text_input": prompt, "max_tokens": max_tokens, "stream": True})
+        t0 = time.perf_counter()
+        conn.request("POST", f"/v2/models/{model}/generate_stream", body=body,
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:200]!r}")
+        ttft = None
+        tokens = 0
+        while True:
+            line = resp.readline()
+            if not line:
+                break
+            if not line.startswith(b"data:"):
+                continue
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+            ev = json.loads(line[5:])
+            if "error" in ev:
+                raise RuntimeError(ev["error"])
+            tokens = ev.get("completion_tokens", tokens)
+            if ev.get("finish_reason"):
+                break
+        return (ttft if ttft is not None else float("nan")), tokens
+    finally:
+        conn.close()
+
+
+def run_cell(triton: TritonProcess, tier: str, batching: str, streams: int, per_stream: int,
+             min_requests: int, max_tokens: int) -> Cell:
+    cell = Cell(tier, batching, streams)
+    per_stream = max(per_stream, -(-min_requests // streams))
+    lock = threading.Lock()
+    barrier = threading.Barrier(streams + 1)
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        for r in range(per_stream):
+            try:
+                ttft, toks = stream_once(triton.host, triton.http_port, tier,
+                                         PROMPTS[(i + r) % len(PROMPTS)] + f" ({i}.{r})", max_tokens)
+            except Exception as exc:  # counted, shown in the table
+                with lock:
+                    cell.errors += 1
+                print(f"  ! {tier} {batching} c={streams}: {exc}", file=sys.stderr)
+                continue
+            with lock:
+                cell.requests += 1
+                cell.tokens += toks
+                cell.ttft.append(ttft)
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(streams)]
+    for t in threads:
+        t.start()
+    cpu0 = _proc_group_cpu(triton.pid)
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    cell.wall = time.perf_counter() - t0
+    cell.cpu = _proc_group_cpu(triton.pid) - cpu0
+    return cell
+
+
+def model_only_cpu_per_token(tiers: list[str], steps: int = 40) -> dict[str, float]:
+    """In-process: CPU ms per token of a batch-1 decode step at a 64-token context."""
+    import numpy as np
+    from reference_llm import Engine
+
+    out = {}
+    for tier in tiers:
+        m = Engine(tier, max_active_sequences=1).model
+        m.prefill(0, np.arange(64, dtype=np.int64) + 1000)
+        ids, pos = np.array([1234]), np.array([64])
+        m.decode(ids, pos)
+        c0 = time.process_time()
+        for _ in range(steps):
+            m.decode(ids, pos)
+        out[tier] = (time.process_time() - c0) / steps * 1e3
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tiers", nargs="+", default=TIERS)
+    ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16, 32])
+    ap.add_argument("--modes", nargs="+", default=["on", "off"], choices=["on", "off"])
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--requests-per-stream", type=int, default=2)
+    ap.add_argument("--min-requests", type=int, default=6)
+    ap.add_argument("--batch-on-size", type=int, default=32, help="max_active_sequences when batching is on")
+    ap.add_argument("--blas-threads", type=int, default=None,
+                    help="OPENBLAS_NUM_THREADS/OMP_NUM_THREADS for the model processes (default: theirs)")
+    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra environment for tritonserver (repeatable)")
+    args = ap.parse_args(argv)
+
+    blas_env = {}
+    if args.blas_threads:
+        blas_env = {k: str(args.blas_threads) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    blas_env.update(kv.split("=", 1) for kv in args.env)
+    cells: list[Cell] = []
+    with tempfile.TemporaryDirectory(prefix="bench-triton-") as tmp:
+        for mode in args.modes:
+            active = args.batch_on_size if mode == "on" else 1
+            triton = TritonProcess(
+                REPO / "triton_models",
+                http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                work_dir=Path(tmp) / mode, models=args.tiers,
+                env={"EXTPROC_LLM_MAX_ACTIVE_SEQUENCES": str(active), **blas_env},
+            )
+            with triton:
+                triton.wait_ready(120)
+                print(f"# batching {mode}: max_active_sequences={active}, tritonserver pid {triton.pid}",
+                      file=sys.stderr)
+                for tier in args.tiers:  # warm-up
+                    stream_once(triton.host, triton.http_port, tier, "warm up", 4)
+                for tier in args.tiers:
+                    for c in args.concurrency:
+                        cell = run_cell(triton, tier, mode, c, args.requests_per_stream,
+                                        args.min_requests, args.max_tokens)
+                        cells.append(cell)
+                        print(f"#   {tier} {mode} c={c}: {cell.tok_s:.0f} tok/s in {cell.wall:.1f}s",
+                              file=sys.stderr)
+
+    header = (f"{'tier':<11} {'batching':<8} {'streams':>7} {'reqs':>5} {'tokens':>7} {'wall s':>7} "
+              f"{'tok/s':>8} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} {'srv CPU ms/tok':>15} {'err':>4}")
+    print(f"\nmax_tokens={args.max_tokens} per request, streamed via /generate_stream")
+    print(header)
+    print("-" * len(header))
+    for c in cells:
+        print(f"{c.tier:<11} {c.batching:<8} {c.streams:>7} {c.requests:>5} {c.tokens:>7} {c.wall:>7.2f} "
+              f"{c.tok_s:>8.1f} {_percentile(c.ttft, 0.5) * 1e3:>12.1f} {_percentile(c.ttft, 0.99) * 1e3:>12.1f} "
+              f"{(c.cpu / c.tokens * 1e3 if c.tokens else float('nan')):>15.3f} {c.errors:>4}")
+
+    model_cpu = model_only_cpu_per_token(args.tiers)
+    print("\nmodel-only CPU ms/token (in-process decode step, batch 1, 64-token context):")
+    for tier, ms in model_cpu.items():
+        print(f"  {tier:<11} {ms:8.3f}")
+
+    def find(tier, mode, c):
+        return next((x for x in cells if x.tier == tier and x.batching == mode and x.streams == c), None)
+
+    print()
+    on, off = find("llm-large", "on", 16), find("llm-large", "off", 16)
+    if on and off and off.tok_s:
+        ratio = on.tok_s / off.tok_s
+        print(f"large tier, 16 streams: batching on/off tokens/s = {ratio:.2f}x (target >= 4x)")
+    if "llm-large" in model_cpu and "llm-small" in model_cpu:
+        print(f"large/small model-only CPU per token = {model_cpu['llm-large'] / model_cpu['llm-small']:.1f}x (target >= 8x)")
+    sl, ll = find("llm-small", "off", 1), find("llm-large", "off", 1)
+    if sl and ll and sl.tokens and ll.tokens:
+        r = (ll.cpu / ll.tokens) / (sl.cpu / sl.tokens)
+        print(f"large/small server CPU per token (1 stream, batching off, incl. HTTP/IPC overhead) = {r:.1f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
