@@ -7,6 +7,7 @@ from typing import Any
 
 from .config import GatewayConfig, TierConfig
 from .plugins import HookRunner, load_plugins
+from .state import Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class Gateway:
         pm, loaded = load_plugins(config, extra=extra_plugins)
         self.hooks = HookRunner(pm, loaded)
         self.max_request_bytes = config.server.max_request_bytes
+        self.store: Store = open_store(config.state)
         self.models_list = {
             "object": "list",
             "data": [{"id": m, "object": "model", "created": 0, "owned_by": "llm-extproc"}
@@ -54,12 +56,20 @@ class Gateway:
         return [p.name for p in self.hooks.plugins]
 
     async def start(self) -> None:
-        """Run every plugin's ``extproc_startup``; a failure here stops the worker from starting."""
+        """Check the store, then run every plugin's ``extproc_startup``.
+
+        An unreachable Redis is logged, not fatal: policies degrade until it comes back.
+        A fail-closed plugin failing to start stops the worker.
+        """
+        if not await self.store.ping():
+            log.warning("shared state store %s is unreachable; policies using it degrade until it is back",
+                        self.config.state.redis_url)
         await self.hooks.each("extproc_startup", None, gateway=self)
 
     async def stop(self) -> None:
         """Run every plugin's ``extproc_shutdown``."""
         await self.hooks.each("extproc_shutdown", None, gateway=self)
+        await self.store.close()
 
     def new_stream(self):
         """A handler for one ext_proc stream (one HTTP request)."""
