@@ -1,0 +1,47 @@
+"""`extproc serve`: several worker processes on one port; SIGTERM drains and exits 0."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from extproc.stack import grpc_serving
+
+from ..conftest import free_port
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_workers_share_one_port_and_sigterm_exits_cleanly(tmp_path: Path):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "extproc", "serve", "--port", str(port), "--workers", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not grpc_serving(port) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert grpc_serving(port)
+        workers = [p for p in children(proc.pid)
+                   if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+        assert len(workers) == 2
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert out.count("draining") == 2
+    assert not grpc_serving(port)
+
+
+def test_bad_config_fails_start_up_naming_the_key(tmp_path: Path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("tiers: {small: {model: m, knd: triton}}\ndefault_tier: small\n")
+    result = subprocess.run([sys.executable, "-m", "extproc", "serve", "--config", str(cfg)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "tiers.small.knd: unknown key" in result.stderr
