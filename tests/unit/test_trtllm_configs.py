@@ -353,3 +353,299 @@ def test_textstream_non_streaming_whole_output():
     assert st.feed(tok.encode("short") + [2, 0, 0], final=True) == ("short", 5, "stop")
     st = ts.GenerationState(tok, max_tokens=5, end_id=2)
     assert st.feed(tok.encode("exact"), final=True) == ("exact", 5, "length")
+
+
+# ------------------------------------------------------------------------------ python models, run
+# The preprocessing / postprocessing / BLS model.py files need Triton's Python backend
+# (triton_python_backend_utils) and transformers, neither of which is here.  They run below
+# against small stand-ins: a fake pb_utils with the calls these models make, a byte-level
+# tokenizer as AutoTokenizer, and a scripted tensorrt_llm that "generates" a fixed text.
+
+import json as _json  # noqa: E402
+import threading as _threading  # noqa: E402
+import types as _types  # noqa: E402
+
+import numpy as np  # noqa: E402
+from google.protobuf import json_format  # noqa: E402
+
+EOS, PAD = 2, 0
+
+
+class _FakeTokenizer:
+    eos_token = "</s>"
+    pad_token = None
+
+    def encode(self, text, add_special_tokens=True):
+        if text == self.eos_token:
+            return [EOS]
+        ids = [b + 3 for b in text.encode("utf-8")]
+        return ([1] + ids) if add_special_tokens else ids
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(i - 3 for i in ids if i >= 3).decode("utf-8", errors="replace")
+
+
+class _Tensor:
+    def __init__(self, name, array):
+        self._name, self._array = name, np.asarray(array)
+
+    def name(self):
+        return self._name
+
+    def as_numpy(self):
+        return self._array
+
+
+class _TritonError:
+    def __init__(self, msg):
+        self._msg = msg
+
+    def message(self):
+        return self._msg
+
+
+class _Response:
+    def __init__(self, output_tensors=(), error=None, flags=0):
+        self._tensors, self._error, self._flags = list(output_tensors), error, flags
+
+    def output_tensors(self):
+        return self._tensors
+
+    def has_error(self):
+        return self._error is not None
+
+    def error(self):
+        return self._error
+
+    def flags(self):
+        return self._flags
+
+    def as_dict(self):
+        return {t.name(): t.as_numpy() for t in self._tensors}
+
+
+class _Sender:
+    def __init__(self):
+        self.sent, self.done = [], _threading.Event()
+
+    def send(self, response=None, flags=0):
+        self.sent.append((response, flags))
+        if flags & 1:
+            self.done.set()
+
+    def is_cancelled(self):
+        return False
+
+
+class _Request:
+    def __init__(self, inputs, request_id=""):
+        self.inputs, self._id, self.sender = dict(inputs), request_id, _Sender()
+
+    def request_id(self):
+        return self._id
+
+    def get_response_sender(self):
+        return self.sender
+
+
+REPLY = "Hi there, wörld!"  # what the scripted tensorrt_llm generates, then EOS
+
+
+def _fake_trtllm(inputs, decoupled):
+    """Scripted generation honouring request_output_len, streaming and end token."""
+    n = int(np.asarray(inputs["request_output_len"]).reshape(-1)[0])
+    stream = bool(np.asarray(inputs.get("streaming", [[False]])).reshape(-1)[0])
+    toks = _FakeTokenizer().encode(REPLY, add_special_tokens=False)[:n]
+    # like TRT-LLM: the end token is not part of the output, the stream just ends
+    chunks = [[t] for t in toks] if stream else [toks]
+
+    def resp(ids, final):
+        arr = np.array([[ids]], dtype=np.int32).reshape(1, 1, -1)
+        return _Response(
+            [_Tensor("output_ids", arr), _Tensor("sequence_length", np.array([[len(ids)]], np.int32))],
+            flags=1 if final else 0,
+        )
+
+    return [resp(c, i == len(chunks) - 1) for i, c in enumerate(chunks)]
+
+
+def _make_pb_utils(models):
+    pb = _types.ModuleType("triton_python_backend_utils")
+    pb.Tensor = _Tensor
+    pb.InferenceResponse = _Response
+    pb.TritonError = _TritonError
+    pb.TritonModelException = type("TritonModelException", (Exception,), {})
+    pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+    pb.Logger = _types.SimpleNamespace(log_info=lambda m: None, log_warn=lambda m: None, log_error=lambda m: None)
+
+    def get_input_tensor_by_name(request, name):
+        v = request.inputs.get(name)
+        return None if v is None else _Tensor(name, v)
+
+    def get_output_config_by_name(config, name):
+        return next(o for o in config["output"] if o["name"] == name)
+
+    pb.get_input_tensor_by_name = get_input_tensor_by_name
+    pb.get_output_config_by_name = get_output_config_by_name
+    pb.triton_string_to_numpy = lambda t: {"TYPE_INT32": np.int32, "TYPE_STRING": np.object_, "TYPE_BOOL": bool}[t]
+    pb.using_decoupled_model_transaction_policy = lambda c: bool(c.get("model_transaction_policy", {}).get("decoupled"))
+
+    class InferenceRequest:
+        def __init__(self, model_name, inputs, requested_output_names=(), request_id=""):
+            self.model_name, self.inputs = model_name, {t.name(): t.as_numpy() for t in inputs}
+
+        def exec(self, decoupled=False):
+            if self.model_name == "tensorrt_llm":
+                return iter(_fake_trtllm(self.inputs, decoupled))
+            (resp,) = models[self.model_name].execute([_Request(self.inputs)])
+            return resp
+
+    pb.InferenceRequest = InferenceRequest
+    return pb
+
+
+def _model_json(filled: Path, name: str) -> str:
+    cfg = _parse((filled / name / "config.pbtxt").read_text(), name)
+    return _json.dumps(json_format.MessageToDict(cfg, preserving_proto_field_name=True))
+
+
+@pytest.fixture
+def trtllm_models(filled_trtllm, monkeypatch):
+    models = {}
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _make_pb_utils(models))
+    fake_tf = _types.ModuleType("transformers")
+    fake_tf.AutoTokenizer = _types.SimpleNamespace(from_pretrained=lambda *a, **k: _FakeTokenizer())
+    monkeypatch.setitem(sys.modules, "transformers", fake_tf)
+    monkeypatch.delitem(sys.modules, "textstream", raising=False)
+    for name in ("preprocessing", "postprocessing", "tensorrt_llm_bls"):
+        path = filled_trtllm / name / "1" / "model.py"
+        spec = importlib.util.spec_from_file_location(f"trtllm_{name}_model", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        m = mod.TritonPythonModel()
+        m.initialize({"model_config": _model_json(filled_trtllm, name), "model_repository": str(path.parent.parent)})
+        models[name] = m
+    yield models
+    models["tensorrt_llm_bls"].finalize()
+
+
+def _contract_inputs(text, max_tokens=None, stream=None, stop_words=None):
+    inputs = {"text_input": np.array([[text.encode()]], dtype=np.object_)}
+    if max_tokens is not None:
+        inputs["max_tokens"] = np.array([[max_tokens]], dtype=np.int32)
+    if stream is not None:
+        inputs["stream"] = np.array([[stream]], dtype=bool)
+    if stop_words is not None:
+        inputs["stop_words"] = np.array([[w.encode() for w in stop_words]], dtype=np.object_)
+    return inputs
+
+
+def _run_ensemble(models, text, max_tokens=None, stream=False, stop_words=None, request_id="req-1"):
+    """What the ensemble scheduler does, step by step (the request id is propagated)."""
+    (pre,) = models["preprocessing"].execute(
+        [
+            _Request(
+                {
+                    "QUERY": np.array([[text.encode()]], dtype=np.object_),
+                    **({"REQUEST_OUTPUT_LEN": np.array([[max_tokens]], np.int32)} if max_tokens else {}),
+                    **({"STOP_WORDS_DICT": np.array([[w.encode() for w in stop_words]], np.object_)} if stop_words else {}),
+                }
+            )
+        ]
+    )
+    assert not pre.has_error(), pre.error() and pre.error().message()
+    p = pre.as_dict()
+    outs = []
+    for r in _fake_trtllm({"request_output_len": p["REQUEST_OUTPUT_LEN"], "streaming": [[stream]]}, True):
+        g = r.as_dict()
+        post_in = {
+            "TOKENS_BATCH": g["output_ids"],
+            "SEQUENCE_LENGTH": g["sequence_length"],
+            "INPUT_LENGTH": p["REQUEST_INPUT_LEN"],
+            "MAX_TOKENS": p["REQUEST_OUTPUT_LEN"],
+            "END_ID": p["OUT_END_ID"],
+            "STREAM": np.array([[stream]], dtype=bool),
+        }
+        if stop_words:
+            post_in["STOP_WORDS"] = np.array([[w.encode() for w in stop_words]], np.object_)
+        (out,) = models["postprocessing"].execute([_Request(post_in, request_id)])
+        assert not out.has_error(), out.error().message()
+        d = out.as_dict()
+        outs.append(
+            (
+                d["OUTPUT"][0][0].decode(),
+                int(d["PROMPT_TOKENS"][0][0]),
+                int(d["COMPLETION_TOKENS"][0][0]),
+                d["FINISH_REASON"][0][0].decode(),
+            )
+        )
+    return p, outs
+
+
+def test_preprocessing_outputs(trtllm_models):
+    p, _ = _run_ensemble(trtllm_models, "abc", stop_words=["END", "xy"])
+    assert p["INPUT_ID"].tolist() == [[1, ord("a") + 3, ord("b") + 3, ord("c") + 3]]
+    assert p["REQUEST_INPUT_LEN"].tolist() == [[4]]
+    assert p["REQUEST_OUTPUT_LEN"].tolist() == [[int(_sample_values()["default_max_tokens"])]]
+    ids = [ord(c) + 3 for c in "ENDxy"]
+    assert p["STOP_WORDS_IDS"].tolist() == [[ids, [3, 5, -1, -1, -1]]]
+    assert p["OUT_END_ID"].tolist() == [[EOS]] and p["OUT_PAD_ID"].tolist() == [[EOS]]
+
+
+def test_ensemble_path_non_streaming(trtllm_models):
+    _, outs = _run_ensemble(trtllm_models, "hello", max_tokens=64)
+    n = len(REPLY.encode())
+    assert outs == [(REPLY, 6, n, "stop")]
+    _, outs = _run_ensemble(trtllm_models, "hello", max_tokens=5)
+    assert outs == [(REPLY[:5], 6, 5, "length")]
+    _, outs = _run_ensemble(trtllm_models, "hello", max_tokens=64, stop_words=[","])
+    assert outs[-1][0] == "Hi there" and outs[-1][3] == "stop"
+
+
+def test_ensemble_path_streaming_uses_request_id_state(trtllm_models):
+    _, outs = _run_ensemble(trtllm_models, "hello", max_tokens=7, stream=True, request_id="abc")
+    assert "".join(o[0] for o in outs) == REPLY[:7]
+    assert [o[2] for o in outs] == list(range(1, 8))  # cumulative
+    assert [o[3] for o in outs] == [""] * 6 + ["length"]
+    assert trtllm_models["postprocessing"]._streams == {}  # state dropped at the end
+
+
+def test_bls_streaming_and_not(trtllm_models):
+    bls = trtllm_models["tensorrt_llm_bls"]
+    req = _Request(_contract_inputs("hello", max_tokens=64, stream=True))
+    assert bls.execute([req]) is None
+    assert req.sender.done.wait(10)
+    parts = [r.as_dict() for r, _ in req.sender.sent if r is not None]
+    text = "".join(d["text_output"][0][0].decode() for d in parts)
+    assert text == REPLY
+    assert [int(d["completion_tokens"][0][0]) for d in parts] == list(range(1, len(REPLY.encode()) + 1))
+    assert [d["finish_reason"][0][0].decode() for d in parts][-1] == "stop"
+    assert all(d["finish_reason"][0][0] == b"" for d in parts[:-1])
+    assert all(int(d["prompt_tokens"][0][0]) == 6 for d in parts)
+
+    req = _Request(_contract_inputs("hello", max_tokens=4))
+    bls.execute([req])
+    assert req.sender.done.wait(10)
+    (final, flags), = req.sender.sent
+    d = final.as_dict()
+    assert flags == 1
+    assert (d["text_output"][0][0].decode(), int(d["completion_tokens"][0][0]), d["finish_reason"][0][0]) == (
+        "Hi t",
+        4,
+        b"length",
+    )
+
+
+def test_bls_stop_word_and_bad_input(trtllm_models):
+    bls = trtllm_models["tensorrt_llm_bls"]
+    req = _Request(_contract_inputs("hello", max_tokens=64, stop_words=["there"]))
+    bls.execute([req])
+    assert req.sender.done.wait(10)
+    d = req.sender.sent[0][0].as_dict()
+    assert d["text_output"][0][0] == b"Hi " and d["finish_reason"][0][0] == b"stop"
+
+    req = _Request(_contract_inputs("hello", max_tokens=0))
+    bls.execute([req])
+    assert req.sender.done.wait(10)
+    resp, flags = req.sender.sent[0]
+    assert resp.has_error() and "max_tokens" in resp.error().message() and flags == 1
