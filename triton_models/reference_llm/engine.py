@@ -115,6 +115,8 @@ def sample(logits: np.ndarray, req: GenRequest, rng: Optional[np.random.Generato
 class Engine:
     #: prompts joining in the same step are prefilled together, up to this many tokens per pass
     prefill_token_budget = 512
+    #: check each sequence for cancellation every this many generated tokens
+    cancel_check_every = 8
 
     def __init__(self, tier: str | TierConfig, max_active_sequences: int = 32) -> None:
         self.cfg = tier if isinstance(tier, TierConfig) else tier_config(tier)
@@ -131,7 +133,8 @@ class Engine:
         self.timings: collections.Counter = collections.Counter()  # seconds: prefill/decode/emit
         self.max_batch_seen = 0
         self.on_idle: Optional[Callable[[], None]] = None
-        self.on_error: Optional[Callable[[BaseException], None]] = None
+        #: called as on_error(exc, callback) for each request dropped because of an engine error
+        self.on_error: Optional[Callable[[BaseException, EventCallback], None]] = None
 
     # -- submission -------------------------------------------------------------------------
     def submit(self, req: GenRequest, callback: EventCallback,
@@ -182,6 +185,8 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        if self.busy:  # requests still queued or running get an error, not silence
+            self._fail_all(RuntimeError("model is shutting down"))
 
     def _loop(self) -> None:
         while True:
@@ -209,7 +214,7 @@ class Engine:
         if self.on_error is not None:
             for s in seqs:
                 try:
-                    self.on_error(exc, s.callback)  # type: ignore[call-arg]
+                    self.on_error(exc, s.callback)
                 except Exception:
                     pass
 
@@ -278,7 +283,8 @@ class Engine:
         done = []
         for i, seq in enumerate(active):
             seq.position += 1
-            if self._cancelled(seq):
+            # asking Triton whether the client went away is an IPC round trip: not every token
+            if seq.n_generated % self.cancel_check_every == 0 and self._cancelled(seq):
                 seq.finished = True
                 self.stats["cancelled"] += 1
                 done.append(i)

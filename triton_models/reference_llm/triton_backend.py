@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import threading
 import time
 
@@ -88,25 +89,59 @@ def _response(text: str, ev: Event):
     )
 
 
+class _SendQueue:
+    """Builds and sends responses on its own thread, in order.
+
+    Creating a response and handing it to Triton is an IPC round trip; doing it here lets the
+    engine thread start the next decode step (NumPy releases the GIL inside BLAS) meanwhile.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=f"{name}-sender", daemon=True)
+        self._thread.start()
+
+    def put(self, sender, text: str, ev: Event, final: bool) -> None:
+        self._q.put((sender, text, ev, final))
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            sender, text, ev, final = item
+            try:
+                if isinstance(ev, BaseException):
+                    _send_error(sender, text)
+                else:
+                    flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
+                    sender.send(_response(text, ev), flags=flags)
+            except Exception as exc:  # client gone, server shutting down, ...
+                pb_utils.Logger.log_verbose(f"reference_llm: response not sent: {exc!r}")
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._q.put(None)
+        self._thread.join(timeout)
+
+
 class _Responder:
     """Turns engine events into Triton responses for one request."""
 
-    __slots__ = ("sender", "stream", "parts")
+    __slots__ = ("sender", "stream", "parts", "out")
 
-    def __init__(self, sender, stream: bool) -> None:
+    def __init__(self, sender, stream: bool, out: _SendQueue) -> None:
         self.sender = sender
         self.stream = stream
         self.parts: list[str] = []
+        self.out = out
 
     def __call__(self, ev: Event) -> None:
         if self.stream:
-            flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if ev.final else 0
-            self.sender.send(_response(ev.text, ev), flags=flags)
+            self.out.put(self.sender, ev.text, ev, ev.final)
             return
         self.parts.append(ev.text)
         if ev.final:
-            self.sender.send(_response("".join(self.parts), ev),
-                             flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            self.out.put(self.sender, "".join(self.parts), ev, True)
 
     def is_cancelled(self) -> bool:
         return bool(self.sender.is_cancelled())
@@ -131,6 +166,7 @@ class TritonPythonModel:
                 max_active = int(os.environ[env])
                 break
         self.engine = Engine(tier, max_active_sequences=max_active)
+        self._out = _SendQueue(self.model_name)
         self.engine.on_idle = self._flush_metrics
         self.engine.on_error = self._on_engine_error
         self._init_metrics()
@@ -195,7 +231,7 @@ class TritonPythonModel:
     def _on_engine_error(self, exc: BaseException, callback) -> None:
         sender = getattr(callback, "sender", None)
         if sender is not None:
-            _send_error(sender, f"generation failed: {exc!r}")
+            self._out.put(sender, f"generation failed: {exc!r}", exc, True)
 
     # -- requests ---------------------------------------------------------------------------
     def execute(self, requests):
@@ -203,7 +239,7 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 gen, stream = parse_request(request)
-                responder = _Responder(sender, stream)
+                responder = _Responder(sender, stream, self._out)
                 self.engine.submit(gen, responder, responder.is_cancelled)
             except Exception as exc:  # bad input -> an error response, never a hang
                 _send_error(sender, str(exc))
@@ -215,6 +251,7 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self.engine.stop()
+        self._out.close()
         try:
             self._flush_metrics()
         except Exception:
