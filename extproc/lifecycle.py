@@ -32,7 +32,7 @@ import uuid
 from typing import TYPE_CHECKING
 
 from . import openai_format as oai
-from . import triton_format
+from . import tokens, triton_format
 from .chat_templates import render
 from .context import RequestContext, ResponseChunk, TierChoice, UpstreamRequest
 from .decisions import Continue, Decision, Reply
@@ -83,6 +83,8 @@ class RequestLifecycle:
         self._translator: triton_format.StreamTranslator | None = None
         self._sse: SSEParser | None = None
         self._chunks = 0
+        self._prompt: str | None = None  # the rendered prompt sent to Triton
+        self._max_tokens: int | None = None  # the completion limit sent to Triton
 
     # 1. request headers ----------------------------------------------------------------------
     @_answers_errors
@@ -157,6 +159,7 @@ class RequestLifecycle:
             return UpstreamRequest(ctx.path, oai.request_to_body(req))
         triton_format.check_supported(req)
         prompt = render(tier.chat_template, req.messages) if ctx.endpoint == "chat" else req.prompt
+        self._prompt, self._max_tokens = prompt, req.max_tokens or tier.default_max_tokens
         return UpstreamRequest(
             triton_format.generate_path(tier.model, req.stream),
             triton_format.generate_body(req, prompt, default_max_tokens=tier.default_max_tokens),
@@ -187,8 +190,7 @@ class RequestLifecycle:
                 self._mode = "triton_stream"
                 self._translator = triton_format.StreamTranslator(
                     req=ctx.request, completion_id=self.completion_id, created=self.created,
-                    model=ctx.tier_config.model,
-                )
+                    model=ctx.tier_config.model, **self._counting())
                 set_headers += [("content-type", "text/event-stream"), ("cache-control", "no-cache")]
             else:
                 self._mode = "triton_json"
@@ -209,11 +211,12 @@ class RequestLifecycle:
         mode = self._mode
         if mode == "triton_stream":
             translator = self._translator
-            before = len(translator.text)
             out = translator.feed(chunk)
+            text = translator.last_text
             if end_of_stream:
                 out += translator.finish()
-            await self._chunk(translator.text[before:], out)
+                text += translator.last_text
+            await self._chunk(text, out)
             if end_of_stream:
                 await self._finish_response(translator.usage, error=translator.error)
             return Continue(body=out)
@@ -253,8 +256,7 @@ class RequestLifecycle:
         try:
             out, usage = triton_format.translate_generate_response(
                 body, req=ctx.request, completion_id=self.completion_id, created=self.created,
-                model=ctx.tier_config.model,
-            )
+                model=ctx.tier_config.model, **self._counting())
         except oai.OpenAIError as err:
             out = err.to_json()
             await self._finish_response(None, error=out)
@@ -262,6 +264,12 @@ class RequestLifecycle:
         await self._chunk("", out)
         await self._finish_response(usage)
         return Continue(body=out)
+
+    def _counting(self) -> dict:
+        """How the translators count tokens when the model does not report them."""
+        encoding = self.ctx.tier_config.tokenizer
+        return {"count_tokens": functools.partial(tokens.count_text, encoding=encoding),
+                "prompt": self._prompt, "max_tokens": self._max_tokens}
 
     def _passthrough_event(self, data: str) -> None:
         if not data.startswith("{"):
@@ -333,15 +341,11 @@ class RequestLifecycle:
 
 
 def _as_openai_error(status: int | None, body: bytes) -> bytes:
-    """An upstream's error body in OpenAI's format (kept as is when it already is)."""
-    message = body.decode("utf-8", "replace").strip()
+    """An upstream's error body in OpenAI's format (kept as is when it already is, as Envoy's are)."""
     try:
         obj = json.loads(body)
     except ValueError:
         obj = None
-    if isinstance(obj, dict):
-        if isinstance(obj.get("error"), dict):
-            return body
-        if isinstance(obj.get("error"), str):
-            message = obj["error"]
-    return oai.upstream_error(status or 502, message or "The upstream failed without a message.").to_json()
+    if isinstance(obj, dict) and isinstance(obj.get("error"), dict):
+        return body
+    return triton_format.error_from_triton(status or 502, body).to_json()
