@@ -318,6 +318,8 @@ def case_c(args, work: Path, stub_port: int) -> Case:
             "model": f"openai/{UPSTREAM_MODEL}", "api_base": f"http://127.0.0.1:{stub_port}/v1",
             "api_key": "sk-stub"}}],
         "litellm_settings": {"drop_params": True, "telemetry": False},
+        # Recent LiteLLM refuses to start without a master key; requests carry it (chat.lua).
+        "general_settings": {"master_key": "sk-bench"},
     }
     path = work / "litellm.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -338,6 +340,9 @@ def case_c(args, work: Path, stub_port: int) -> Case:
 
 
 CASES = {"stub": case_stub, "a": case_a, "b": case_b, "c": case_c}
+TITLES = {"stub": "stub upstream alone (no proxy)", "a": "Envoy without ext_proc -> stub",
+          "b": "Envoy + ext_proc service -> stub (tier passthrough)",
+          "c": "LiteLLM proxy (1 worker) -> stub"}
 
 
 # --------------------------------------------------------------------------- main
@@ -443,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
                 tails = "\n".join(f"--- {p.name} log:\n{p.tail()}" for p in (case.procs if case else []))
                 reason = f"{type(err).__name__}: {err}"
                 print(f"FAILED: {reason}\n{tails}", flush=True)
-                failed = case or Case(key, CASES[key].__name__)
+                failed = case or Case(key, TITLES[key])
                 failed.skipped = f"failed: {reason.splitlines()[0]}"
                 done.append(failed)
             finally:
