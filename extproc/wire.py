@@ -126,18 +126,20 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         self.active_streams += 1
         cancelled = True
         try:
-            async for request in request_iterator:
+            # context.read()/write() rather than an async generator: one less layer per message.
+            while True:
+                request = await context.read()
+                if request is grpc.aio.EOF:
+                    break
                 answer = await self._phase(state, request)
                 if answer is None:
                     continue
                 state.phases += 1
-                yield answer
+                await context.write(answer)
                 if answer.HasField("immediate_response"):
                     state.replied = True
                     break
             cancelled = False
-        except asyncio.CancelledError:
-            raise
         finally:
             self.active_streams -= 1
             try:
