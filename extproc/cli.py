@@ -165,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["triton", "fill"]:  # its own parser, options first included
+        from .trtllm_fill import main as fill_main
+
+        return fill_main(argv[2:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -82,12 +82,12 @@ async def start_worker(config: GatewayConfig, *, gateway: Gateway | None = None)
 
 
 async def serve_worker(config: GatewayConfig, ready=None) -> None:
-    """Serve until SIGTERM/SIGINT, then drain and return."""
-    worker = await start_worker(config)
+    """Serve until SIGTERM/SIGINT, then drain and return (a signal during start-up counts too)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    worker = await start_worker(config)
     log.info("worker %d serving ext_proc on %s:%d with plugins %s",
              os.getpid(), config.server.host, worker.port, ", ".join(worker.gateway.plugin_names))
     if ready is not None:
@@ -137,13 +137,6 @@ def serve(config: GatewayConfig, *, on_ready=None) -> int:
     config = config.model_copy(update={"server": config.server.model_copy(update={"port": port})})
     ctx = multiprocessing.get_context("spawn")
     procs, events = [], []
-    for _ in range(workers):
-        ready = ctx.Event()
-        proc = ctx.Process(target=_worker_main, args=(config, ready), daemon=False)
-        proc.start()
-        procs.append(proc)
-        events.append(ready)
-
     stopping = False
 
     def forward(signum, _frame):
@@ -155,8 +148,15 @@ def serve(config: GatewayConfig, *, on_ready=None) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    for _ in range(workers):
+        ready = ctx.Event()
+        proc = ctx.Process(target=_worker_main, args=(config, ready), daemon=False)
+        proc.start()
+        procs.append(proc)
+        events.append(ready)
+
     deadline = time.monotonic() + 60
-    while not all(e.is_set() for e in events):
+    while not all(e.is_set() for e in events) and not stopping:
         if any(not p.is_alive() for p in procs) or time.monotonic() > deadline:
             forward(signal.SIGTERM, None)
             for p in procs:
@@ -166,9 +166,10 @@ def serve(config: GatewayConfig, *, on_ready=None) -> int:
         time.sleep(0.02)
     if holder is not None:
         holder.close()
-    log.info("ext_proc service ready on %s:%d with %d worker(s)", config.server.host, port, workers)
-    if on_ready is not None:
-        on_ready(port)
+    if not stopping:
+        log.info("ext_proc service ready on %s:%d with %d worker(s)", config.server.host, port, workers)
+        if on_ready is not None:
+            on_ready(port)
     status = 0
     for p in procs:
         while p.is_alive():
@@ -176,5 +177,8 @@ def serve(config: GatewayConfig, *, on_ready=None) -> int:
             if not stopping and any(not q.is_alive() for q in procs):
                 log.error("a worker exited unexpectedly; stopping the others")
                 forward(signal.SIGTERM, None)
-        status = status or (p.exitcode or 0)
+        code = p.exitcode or 0
+        if stopping and code == -signal.SIGTERM:
+            code = 0  # stopped by our SIGTERM before it had installed its handler: nothing in flight
+        status = status or code
     return status

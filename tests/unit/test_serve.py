@@ -23,9 +23,9 @@ def test_workers_share_one_port_and_sigterm_exits_cleanly(tmp_path: Path):
     proc = subprocess.Popen([sys.executable, "-m", "extproc", "serve", "--port", str(port), "--workers", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 30
-        while not grpc_serving(port) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        for line in proc.stdout:  # the parent says so once every worker serves
+            if "ext_proc service ready" in line:
+                break
         assert grpc_serving(port)
         workers = [p for p in children(proc.pid)
                    if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
@@ -34,8 +34,18 @@ def test_workers_share_one_port_and_sigterm_exits_cleanly(tmp_path: Path):
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
-    assert out.count("draining") == 2
+    assert out.count("draining") == 2, out
     assert not grpc_serving(port)
+
+
+def test_sigterm_during_start_up_still_exits_cleanly():
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "extproc", "serve", "--port", str(port), "--workers", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(0.3)  # the workers are still importing
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
 
 
 def test_bad_config_fails_start_up_naming_the_key(tmp_path: Path):
