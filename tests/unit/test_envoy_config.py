@@ -275,6 +275,14 @@ def test_buffer_limits_exceed_the_service_max_request(main_cfg):
         if c.get("load_assignment"):
             assert c["per_connection_buffer_limit_bytes"] >= limit, c["name"]
     assert _ext_proc(main_cfg)["grpc_service"]["envoy_grpc"]["max_receive_message_length"] >= limit
+    # HTTP/2: the stream window is the per-stream buffer limit (a 1 MiB window cut h2c bodies).
+    h2 = _hcm(main_cfg)["http2_protocol_options"]
+    assert h2["initial_stream_window_size"] >= limit
+    assert h2["initial_connection_window_size"] >= h2["initial_stream_window_size"]
+    extproc_h2 = _clusters(main_cfg)["extproc"]["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["explicit_http_config"][
+        "http2_protocol_options"]
+    assert extproc_h2["initial_stream_window_size"] >= limit
 
 
 def test_service_default_config_max_request_is_below_envoy_limit(main_cfg):
