@@ -169,8 +169,8 @@ class Stack:
             self.start_envoy()
             if self.triton is not None:
                 self.triton.wait_ready(timeout=180)
-                self.envoy.wait_until(lambda: self.clusters_healthy(TRITON_CLUSTERS), 60,
-                                      "seeing Triton healthy")
+            self.envoy.wait_until(lambda: self.clusters_healthy(TRITON_CLUSTERS), 60,
+                                  "seeing the Triton tiers healthy")
         except BaseException:
             self.stop()
             raise
