@@ -67,6 +67,19 @@ class RequestContext:
     response_headers: dict[str, str] = field(default_factory=dict)
     degraded: list[str] = field(default_factory=list)
     plugin_state: dict[str, Any] = field(default_factory=dict)
+    # Facts policies record for each other and for metrics / usage records (they cooperate
+    # through these fields, never by importing each other):
+    api_key_id: str | None = None
+    cache_status: str | None = None  # "hit", "semantic_hit", "coalesced", "idempotent", "miss", "bypass"
+    cache_lookups: list[tuple[str, str]] = field(default_factory=list)  # (layer, result) per lookup
+    tokens_saved: int = 0  # tokens not generated upstream thanks to a cache/coalescing
+    cost_saved_usd: float = 0.0
+    tokens_cut: int = 0  # prompt tokens removed by context caps / retrieval discipline
+    budget_status: str | None = None  # e.g. "ok", "soft_limit", "rejected:<budget name>"
+    over_soft_budget: bool = False  # set by the budget policy; routing may downgrade the tier
+    route_trace: list[str] = field(default_factory=list)  # "<plugin>: <what it did>" in order
+    embedding_calls: int = 0
+    timings_ms: dict[str, float] = field(default_factory=dict)  # phase or plugin -> milliseconds
     started: float = field(default_factory=time.perf_counter)
     first_byte_at: float | None = None
     finished_at: float | None = None
