@@ -105,6 +105,11 @@ def _answer(phase: str, decision: Decision) -> pb.ProcessingResponse:
     return pb.ProcessingResponse(**{phase: pb.BodyResponse(response=common)})
 
 
+_HEADER_PHASES = frozenset({"request_headers", "response_headers"})
+_BODY_PHASES = frozenset({"request_body", "response_body"})
+_TRAILER_PHASES = frozenset({"request_trailers", "response_trailers"})
+
+
 @dataclass(slots=True)
 class StreamState:
     """What the servicer tracks for one gRPC stream (one HTTP request)."""
@@ -151,22 +156,15 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         phase = request.WhichOneof("request")
         handler = state.handler
         try:
-            if phase == "request_headers":
-                m = request.request_headers
-                decision = await handler.request_headers(header_map(m.headers), m.end_of_stream)
-            elif phase == "request_body":
-                m = request.request_body
-                decision = await handler.request_body(m.body, m.end_of_stream)
-            elif phase == "response_headers":
-                m = request.response_headers
-                decision = await handler.response_headers(header_map(m.headers), m.end_of_stream)
-            elif phase == "response_body":
-                m = request.response_body
-                decision = await handler.response_body(m.body, m.end_of_stream)
-            elif phase == "request_trailers":
-                decision = await handler.request_trailers(header_map(request.request_trailers.trailers))
-            elif phase == "response_trailers":
-                decision = await handler.response_trailers(header_map(request.response_trailers.trailers))
+            # The handler's methods are named after the phases they answer.
+            if phase in _HEADER_PHASES:
+                m = getattr(request, phase)
+                decision = await getattr(handler, phase)(header_map(m.headers), m.end_of_stream)
+            elif phase in _BODY_PHASES:
+                m = getattr(request, phase)
+                decision = await getattr(handler, phase)(m.body, m.end_of_stream)
+            elif phase in _TRAILER_PHASES:
+                decision = await getattr(handler, phase)(header_map(getattr(request, phase).trailers))
             else:  # a message with no phase we know (newer Envoy): nothing to answer
                 log.warning("ext_proc message without a known phase: %s", phase)
                 return None

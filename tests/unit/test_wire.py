@@ -137,3 +137,29 @@ async def test_health_serving_then_not_serving_on_drain():
         reply = await health.Check(health_pb2.HealthCheckRequest(service=""))
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
     await running.drain_and_stop(0)
+
+
+async def test_a_bug_in_the_handler_is_answered_never_left_hanging():
+    from extproc.decisions import Reply
+    from extproc.wire import ExternalProcessor, add_to_server
+
+    class Buggy:
+        async def request_headers(self, headers, end_of_stream):
+            raise KeyError("bug")
+
+        async def stream_closed(self, cancelled):
+            pass
+
+        def internal_error(self, exc):
+            return Reply(500, b'{"error": {"message": "internal"}}', [("content-type", "application/json")])
+
+    server = grpc.aio.server()
+    add_to_server(ExternalProcessor(Buggy), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            answers = await exchange(channel, request_phases(chat_body())[:1])
+        assert answers[0].immediate_response.status.code == 500
+    finally:
+        await server.stop(0)
