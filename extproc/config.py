@@ -34,6 +34,10 @@ class ServerConfig(_Strict):
     grace_seconds: float = Field(10.0, ge=0, description="how long SIGTERM waits for in-flight streams")
     max_request_bytes: int = Field(16 * 1024 * 1024, gt=0, description="larger request bodies get 413")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics of every worker, served by "
+                              "the parent process on host:metrics_port; 0 = off")
+    triton_metrics_url: str | None = Field(None, description="Triton's Prometheus endpoint: per-tier queue depth "
+                                           "and GPU memory on /metrics, and GPU-hour cost apportioning")
 
 
 class Price(_Strict):
@@ -41,6 +45,15 @@ class Price(_Strict):
 
     prompt_per_1k: float = Field(0.0, ge=0)
     completion_per_1k: float = Field(0.0, ge=0)
+    gpu_hour_usd: float = Field(0.0, ge=0, description="instead of per-token prices: USD per GPU-hour, apportioned "
+                                "to requests by the compute time Triton reports (see extproc/cost_model.py)")
+    gpus: float = Field(1.0, gt=0, description="GPUs serving the tier (GPU-hour pricing)")
+
+    @model_validator(mode="after")
+    def _one_cost_model(self) -> "Price":
+        if self.gpu_hour_usd and (self.prompt_per_1k or self.completion_per_1k):
+            raise ValueError("gpu_hour_usd: give either per-1K token prices or a GPU-hour price, not both")
+        return self
 
 
 class TierConfig(_Strict):
@@ -90,6 +103,15 @@ class StateConfig(_Strict):
     key_prefix: str = "extproc:"
 
 
+class CostsConfig(_Strict):
+    """Costs beyond the tiers' token prices, split out in usage records and metrics."""
+
+    gateway_cpu_hour_usd: float = Field(0.0, ge=0, description="gateway overhead: USD per CPU-hour of gateway time")
+    embedding_call_usd: float = Field(0.0, ge=0, description="USD per embedding call a policy made")
+    retry_headers: list[str] = Field(default_factory=lambda: ["x-stainless-retry-count", "x-retry-attempt"],
+                                     description="request headers whose value > 0 marks a client retry")
+
+
 class GatewayConfig(_Strict):
     """The whole gateway configuration."""
 
@@ -101,6 +123,7 @@ class GatewayConfig(_Strict):
         None, description="plugins in call order; omitted means the built-in defaults"
     )
     state: StateConfig = Field(default_factory=StateConfig)
+    costs: CostsConfig = Field(default_factory=CostsConfig)
 
     @model_validator(mode="after")
     def _check_references(self) -> "GatewayConfig":
@@ -116,6 +139,9 @@ class GatewayConfig(_Strict):
                 seen[alias] = name
         if self.auto_model in seen:
             raise ValueError(f"auto_model: {self.auto_model!r} is also a tier name or alias")
+        for name, tier in self.tiers.items():
+            if tier.price.gpu_hour_usd and not self.server.triton_metrics_url:
+                raise ValueError(f"tiers.{name}.price.gpu_hour_usd: GPU-hour pricing needs server.triton_metrics_url")
         return self
 
 
