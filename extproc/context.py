@@ -81,6 +81,7 @@ class RequestContext:
     embedding_calls: int = 0
     timings_ms: dict[str, float] = field(default_factory=dict)  # phase or plugin -> milliseconds
     started: float = field(default_factory=time.perf_counter)
+    upstream_sent_at: float | None = None  # perf_counter() when the request went upstream
     first_byte_at: float | None = None
     finished_at: float | None = None
 
