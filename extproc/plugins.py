@@ -27,6 +27,7 @@ import logging
 import os
 import time
 from collections import Counter
+from time import perf_counter
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Callable
@@ -140,6 +141,7 @@ class _Impl:
     argnames: tuple[str, ...]
     is_async: bool
     fail_open: bool
+    timing_key: str = ""  # "plugin:<name>": its time is summed into ctx.timings_ms under this key
 
 
 class _FailureLog:
@@ -177,7 +179,8 @@ class HookRunner:
             for impl in reversed(caller.get_hookimpls()):  # pluggy's own call order
                 fn = impl.function
                 impls.append(_Impl(impl.plugin_name, fn, tuple(impl.argnames),
-                                   inspect.iscoroutinefunction(fn), fail_open.get(impl.plugin_name, False)))
+                                   inspect.iscoroutinefunction(fn), fail_open.get(impl.plugin_name, False),
+                                   f"plugin:{impl.plugin_name}"))
             self._chains[hook] = impls
 
     def implementers(self, hook: str) -> list[str]:
@@ -199,6 +202,7 @@ class HookRunner:
 
     async def _call(self, impl: _Impl, hook: str, ctx, kwargs: dict) -> Any:
         kwargs["ctx"] = ctx
+        start = perf_counter()
         try:
             args = [kwargs[name] for name in impl.argnames]
             result = impl.function(*args)
@@ -211,6 +215,10 @@ class HookRunner:
             return self._failed(impl, hook, ctx, exc)
         except Exception as exc:  # noqa: BLE001 - every plugin failure goes through the policy
             return self._failed(impl, hook, ctx, exc)
+        finally:
+            if ctx is not None:  # each plugin's time per request, summed over its hooks (metrics)
+                timings = ctx.timings_ms
+                timings[impl.timing_key] = timings.get(impl.timing_key, 0.0) + (perf_counter() - start) * 1000.0
 
     def _failed(self, impl: _Impl, hook: str, ctx, exc: BaseException) -> None:
         self.failures[(impl.plugin, hook)] += 1
