@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from .config import GatewayConfig, TierConfig
+from .cost_model import CostModel
 from .plugins import HookRunner, load_plugins
 from .state import Store, open_store
 
@@ -44,6 +45,7 @@ class Gateway:
         self.hooks = HookRunner(pm, loaded)
         self.max_request_bytes = config.server.max_request_bytes
         self.store: Store = open_store(config.state)
+        self.cost_model = CostModel(config)
         self.models_list = {
             "object": "list",
             "data": [{"id": m, "object": "model", "created": 0, "owned_by": "llm-extproc"}
@@ -69,6 +71,7 @@ class Gateway:
     async def stop(self) -> None:
         """Run every plugin's ``extproc_shutdown``."""
         await self.hooks.each("extproc_shutdown", None, gateway=self)
+        await self.cost_model.close()
         await self.store.close()
 
     def new_stream(self):
