@@ -68,6 +68,24 @@ def _answers_errors(phase):
     return wrapper
 
 
+def _timed(phase):
+    """Add the phase's wall time (its hooks included) to ``ctx.timings_ms['phase:<name>']``."""
+    key = f"phase:{phase.__name__}"
+
+    @functools.wraps(phase)
+    async def wrapper(self: "RequestLifecycle", *args) -> Decision:
+        start = time.perf_counter()
+        try:
+            return await phase(self, *args)
+        finally:
+            ctx = self.ctx
+            if ctx is not None:
+                timings = ctx.timings_ms
+                timings[key] = timings.get(key, 0.0) + (time.perf_counter() - start) * 1000.0
+
+    return wrapper
+
+
 class RequestLifecycle:
     """One request's way through the gateway; the wire layer calls one method per phase."""
 
@@ -87,6 +105,7 @@ class RequestLifecycle:
         self._max_tokens: int | None = None  # the completion limit sent to Triton
 
     # 1. request headers ----------------------------------------------------------------------
+    @_timed
     @_answers_errors
     async def request_headers(self, headers: dict[str, str], end_of_stream: bool) -> Decision:
         path = headers.get(":path", "/").split("?", 1)[0].rstrip("/") or "/"
@@ -113,6 +132,7 @@ class RequestLifecycle:
         return Continue(remove_headers=[h for h in headers if h.startswith(INTERNAL_PREFIX)])
 
     # 2. request body ------------------------------------------------------------------------
+    @_timed
     @_answers_errors
     async def request_body(self, body: bytes, end_of_stream: bool) -> Decision:
         ctx = self.ctx
@@ -146,6 +166,7 @@ class RequestLifecycle:
             ("content-length", str(len(upstream.body))),
             *upstream.headers.items(),
         ]
+        ctx.upstream_sent_at = time.perf_counter()
         return Continue(set_headers=headers, body=upstream.body, clear_route_cache=True)
 
     def _upstream_request(self, ctx: RequestContext) -> UpstreamRequest:
@@ -169,6 +190,7 @@ class RequestLifecycle:
         return Continue()
 
     # 3. response headers ---------------------------------------------------------------------
+    @_timed
     async def response_headers(self, headers: dict[str, str], end_of_stream: bool) -> Decision:
         ctx = self.ctx
         if ctx is None or ctx.tier is None:  # Envoy's own answer (no route, say): leave it alone
@@ -207,6 +229,7 @@ class RequestLifecycle:
         return Continue(set_headers=set_headers, remove_headers=remove)
 
     # 4. response body -----------------------------------------------------------------------
+    @_timed
     async def response_body(self, chunk: bytes, end_of_stream: bool) -> Decision:
         mode = self._mode
         if mode == "triton_stream":
@@ -290,21 +313,23 @@ class RequestLifecycle:
         if not data:
             return
         self._chunks += 1
+        if self._chunks == 1:  # time to first token, as the client sees it from its request
+            self.ctx.timings_ms["ttft"] = (time.perf_counter() - self.ctx.started) * 1000.0
         await self.hooks.each("extproc_response_chunk", self.ctx, chunk=ResponseChunk(text, data, self._chunks))
 
     async def _finish_response(self, usage, *, error=None) -> None:
         ctx = self.ctx
         if ctx.outcome != "pending":
             return
+        if ctx.upstream_sent_at is not None:
+            ctx.timings_ms["upstream"] = (time.perf_counter() - ctx.upstream_sent_at) * 1000.0
         if error is not None:
             ctx.outcome = "failed"
             ctx.error = error.decode("utf-8", "replace")[:500] if isinstance(error, bytes) else str(error)
             return
         ctx.usage = usage
-        if usage is not None:
-            price = ctx.tier_config.price
-            ctx.cost_usd = (usage.prompt_tokens * price.prompt_per_1k
-                            + usage.completion_tokens * price.completion_per_1k) / 1000.0
+        if usage is not None:  # per-1K token prices or GPU-hour apportioning: extproc/cost_model.py
+            ctx.cost_usd = self.gateway.cost_model.upstream_cost(ctx.tier_config, usage)
         ctx.outcome = "completed"
         await self.hooks.each("extproc_response_complete", ctx)
 
