@@ -12,7 +12,7 @@ sustained load does not grow without limit.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Protocol
 
 from .config import StateConfig
@@ -27,6 +27,8 @@ class Store(Protocol):
     async def incr(self, key: str, amount: int = 1, ttl: float | None = None) -> int: ...
     async def ping(self) -> bool: ...
     async def close(self) -> None: ...
+    async def stream_add(self, key: str, entries: list[bytes], maxlen: int) -> None: ...
+    async def stream_range(self, key: str, count: int | None = None) -> list[bytes]: ...
 
 
 class StoreUnavailable(RuntimeError):
@@ -41,6 +43,7 @@ class MemoryStore:
         self.prefix = prefix
         self._data: OrderedDict[str, tuple[bytes | int, float | None]] = OrderedDict()
         self._bytes = 0
+        self._streams: dict[str, deque[bytes]] = {}
 
     @staticmethod
     def _size(key: str, value) -> int:
@@ -102,9 +105,22 @@ class MemoryStore:
     async def ping(self) -> bool:
         return True
 
+    async def stream_add(self, key: str, entries: list[bytes], maxlen: int) -> None:
+        """Append entries to a capped log (the oldest fall off past ``maxlen``)."""
+        stream = self._streams.get(self.prefix + key)
+        if stream is None or stream.maxlen != maxlen:
+            stream = self._streams[self.prefix + key] = deque(stream or (), maxlen=maxlen)
+        stream.extend(bytes(e) for e in entries)
+
+    async def stream_range(self, key: str, count: int | None = None) -> list[bytes]:
+        """The log's entries, oldest first (the first ``count`` of them)."""
+        entries = list(self._streams.get(self.prefix + key, ()))
+        return entries if count is None else entries[:count]
+
     async def close(self) -> None:
         self._data.clear()
         self._bytes = 0
+        self._streams.clear()
 
 
 class RedisStore:
@@ -142,6 +158,18 @@ class RedisStore:
             pipe.pexpire(key, int(ttl * 1000), nx=True)
             value, _ = await self._do(pipe.execute())
         return int(value)
+
+    async def stream_add(self, key: str, entries: list[bytes], maxlen: int) -> None:
+        """XADD each entry (field ``r``) to a stream capped near ``maxlen`` (``MAXLEN ~``), one round trip."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for entry in entries:
+                pipe.xadd(self.prefix + key, {"r": entry}, maxlen=maxlen, approximate=True)
+            await self._do(pipe.execute())
+
+    async def stream_range(self, key: str, count: int | None = None) -> list[bytes]:
+        """The stream's entries (field ``r``), oldest first."""
+        rows = await self._do(self._redis.xrange(self.prefix + key, count=count))
+        return [fields[b"r"] for _id, fields in rows if b"r" in fields]
 
     async def ping(self) -> bool:
         try:
