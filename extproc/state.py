@@ -29,6 +29,9 @@ class Store(Protocol):
     async def close(self) -> None: ...
     async def stream_add(self, key: str, entries: list[bytes], maxlen: int) -> None: ...
     async def stream_range(self, key: str, count: int | None = None) -> list[bytes]: ...
+    async def set_nx(self, key: str, value: bytes, ttl: float) -> bool: ...
+    async def delete_if(self, key: str, expected: bytes) -> bool: ...
+    async def expire_if(self, key: str, expected: bytes, ttl: float) -> bool: ...
 
 
 class StoreUnavailable(RuntimeError):
@@ -117,6 +120,29 @@ class MemoryStore:
         entries = list(self._streams.get(self.prefix + key, ()))
         return entries if count is None else entries[:count]
 
+    async def set_nx(self, key: str, value: bytes, ttl: float) -> bool:
+        """Set ``key`` only if it is absent (a lock or a claim); True when this call set it."""
+        if self._live(self.prefix + key) is not None:
+            return False
+        self._put(self.prefix + key, bytes(value), ttl)
+        return True
+
+    async def delete_if(self, key: str, expected: bytes) -> bool:
+        """Delete ``key`` only if it still holds ``expected`` (release a lock this caller owns)."""
+        item = self._live(self.prefix + key)
+        if item is None or item[0] != expected:
+            return False
+        self._remove(self.prefix + key)
+        return True
+
+    async def expire_if(self, key: str, expected: bytes, ttl: float) -> bool:
+        """Give ``key`` a new TTL only if it still holds ``expected`` (keep an owned lock alive)."""
+        item = self._live(self.prefix + key)
+        if item is None or item[0] != expected:
+            return False
+        self._data[self.prefix + key] = (item[0], time.monotonic() + ttl)
+        return True
+
     async def close(self) -> None:
         self._data.clear()
         self._bytes = 0
@@ -132,6 +158,7 @@ class RedisStore:
         self.prefix = prefix
         self._redis = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
         self._errors = (redis.RedisError, OSError)
+        self._scripts: dict = {}
 
     async def _do(self, coro):
         try:
@@ -170,6 +197,39 @@ class RedisStore:
         """The stream's entries (field ``r``), oldest first."""
         rows = await self._do(self._redis.xrange(self.prefix + key, count=count))
         return [fields[b"r"] for _id, fields in rows if b"r" in fields]
+
+    # Compare-and-act scripts: atomic on the server (EVALSHA; plain Redis, no modules).
+    _DELETE_IF = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+    _EXPIRE_IF = ("if redis.call('GET', KEYS[1]) == ARGV[1] then "
+                  "return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0")
+
+    async def set_nx(self, key: str, value: bytes, ttl: float) -> bool:
+        """SET NX PX: set ``key`` only if it is absent (a lock or a claim); True when this call set it."""
+        return bool(await self._do(self._redis.set(self.prefix + key, value, px=max(1, int(ttl * 1000)), nx=True)))
+
+    async def delete_if(self, key: str, expected: bytes) -> bool:
+        """Delete ``key`` only if it still holds ``expected`` (release a lock this caller owns)."""
+        script = self._scripts.get("delete_if") or self._scripts.setdefault(
+            "delete_if", self._redis.register_script(self._DELETE_IF))
+        return bool(await self._do(script(keys=[self.prefix + key], args=[expected])))
+
+    async def expire_if(self, key: str, expected: bytes, ttl: float) -> bool:
+        """Give ``key`` a new TTL only if it still holds ``expected`` (keep an owned lock alive)."""
+        script = self._scripts.get("expire_if") or self._scripts.setdefault(
+            "expire_if", self._redis.register_script(self._EXPIRE_IF))
+        return bool(await self._do(script(keys=[self.prefix + key], args=[expected, max(1, int(ttl * 1000))])))
+
+    @property
+    def client(self):
+        """The ``redis.asyncio`` client, for shared-state modules with their own data layout
+        (:mod:`extproc.vector_index`); policies use the methods above. Errors it raises are in
+        :attr:`errors`."""
+        return self._redis
+
+    @property
+    def errors(self) -> tuple[type[BaseException], ...]:
+        """The exceptions that mean "Redis unavailable" (to map to :class:`StoreUnavailable`)."""
+        return self._errors
 
     async def ping(self) -> bool:
         try:
