@@ -127,6 +127,31 @@ def reserve_port(host: str, port: int) -> tuple[int, socket.socket | None]:
 
 
 def serve(config: GatewayConfig, *, on_ready=None) -> int:
+    """Run the workers (:func:`serve_workers`) and, with ``server.metrics_port``, serve every worker's
+    Prometheus metrics from this parent process (see :mod:`extproc.metrics`)."""
+    if not config.server.metrics_port:
+        return serve_workers(config, on_ready=on_ready)
+    from . import metrics
+
+    path = metrics.prepare_multiprocess_dir()  # before the workers start: they inherit it
+    try:
+        httpd, _thread = metrics.start_metrics_server(
+            config.server.metrics_port, config.server.host, path, triton_url=config.server.triton_metrics_url,
+            model_tiers={t.model: name for name, t in config.tiers.items() if t.kind == "triton"})
+    except OSError as exc:
+        log.error("cannot serve metrics on %s:%d: %s", config.server.host, config.server.metrics_port, exc)
+        metrics.remove_multiprocess_dir(path)
+        return 1
+    log.info("Prometheus metrics on http://%s:%d/metrics", config.server.host, httpd.server_port)
+    try:
+        return serve_workers(config, on_ready=on_ready)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        metrics.remove_multiprocess_dir(path)
+
+
+def serve_workers(config: GatewayConfig, *, on_ready=None) -> int:
     """Run ``config.server.workers`` worker processes on one port until SIGTERM/SIGINT.
 
     :param on_ready: called with the port once every worker is serving.
