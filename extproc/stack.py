@@ -101,9 +101,14 @@ def http_ok(url: str, timeout: float = 1.0) -> bool:
 
 
 def service_command(config_path: Path | None, port: int, workers: int | None, redis_url: str | None,
-                    host: str = "127.0.0.1") -> list[str]:
+                    host: str = "127.0.0.1", metrics_port: int | None = None,
+                    triton_metrics_url: str | None = None) -> list[str]:
     """The command line that starts the ext_proc service (``extproc serve``)."""
     cmd = [sys.executable, "-m", "extproc", "serve", "--host", host, "--port", str(port)]
+    if metrics_port is not None:
+        cmd += ["--metrics-port", str(metrics_port)]
+    if triton_metrics_url:
+        cmd += ["--triton-metrics-url", triton_metrics_url]
     if config_path:
         cmd += ["--config", str(config_path)]
     if workers:
@@ -142,6 +147,7 @@ class Stack:
     envoy_yaml: Path | None = None
     triton_models: Path | None = None
     with_triton: bool = True
+    metrics_port: int | None = None  # the service's Prometheus /metrics port; None: as its config says
     triton: TritonProcess | None = None
     service: ManagedProcess | None = None
     envoy: ManagedProcess | None = None
@@ -179,7 +185,9 @@ class Stack:
     def start_service(self) -> None:
         self.service = ManagedProcess(
             "extproc service",
-            service_command(self.config_path, self.ports.extproc, self.workers, self.redis_url),
+            service_command(self.config_path, self.ports.extproc, self.workers, self.redis_url,
+                            metrics_port=self.metrics_port,
+                            triton_metrics_url=f"http://127.0.0.1:{self.ports.triton_metrics}/metrics"),
             self.work_dir / "logs" / "extproc.log",
         )
         self.service.start()
