@@ -14,7 +14,7 @@ from .config import ConfigError, load_config
 
 def _overrides(args) -> dict:
     server: dict = {}
-    for key in ("host", "port", "workers", "log_level"):
+    for key in ("host", "port", "workers", "log_level", "metrics_port", "triton_metrics_url"):
         value = getattr(args, key, None)
         if value is not None:
             server[key] = value
@@ -71,7 +71,8 @@ def cmd_up(args) -> int:
                        triton_http=args.triton_port, triton_grpc=args.triton_port + 1,
                        triton_metrics=args.triton_port + 2)
     stack = Stack(Path(args.work_dir).resolve(), ports=ports, config_path=config_path,
-                  models=tuple(args.models.split(",")), workers=args.workers, redis_url=args.redis)
+                  models=tuple(args.models.split(",")), workers=args.workers, redis_url=args.redis,
+                  metrics_port=args.metrics_port)
     stopping = False
 
     def _stop(signum, _frame):
@@ -91,6 +92,7 @@ llm-extproc is up ({time.monotonic() - started:.1f}s)
   ext_proc service            127.0.0.1:{p.extproc}  (gRPC, grpc.health.v1)
   Triton                      http://127.0.0.1:{p.triton_http}  (metrics :{p.triton_metrics})
   Envoy admin                 http://127.0.0.1:{p.admin}
+  metrics (Prometheus)        {f"http://127.0.0.1:{args.metrics_port}/metrics" if args.metrics_port else "off"}
   state                       {args.redis or 'in memory'}
   logs                        {stack.work_dir / 'logs'}
 
@@ -134,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, help="worker processes (default: config, 0 = one per core)")
     serve.add_argument("--redis", metavar="URL", help="keep shared state in Redis")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics here (0 = off)")
+    serve.add_argument("--triton-metrics-url", help="Triton's /metrics (queue depth, GPU memory, GPU-hour cost)")
     serve.set_defaults(func=cmd_serve)
 
     up = sub.add_parser("up", help=cmd_up.__doc__)
@@ -146,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--redis", metavar="URL")
     up.add_argument("--models", default="llm-small,llm-medium,llm-large")
     up.add_argument("--work-dir", default=".run")
+    up.add_argument("--metrics-port", type=int, default=9464, help="the service's Prometheus /metrics (0 = off)")
     up.set_defaults(func=cmd_up)
 
     check = sub.add_parser("check-config", help=cmd_check_config.__doc__)
