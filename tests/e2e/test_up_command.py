@@ -18,10 +18,10 @@ pytestmark = pytest.mark.e2e
 def test_up_starts_everything_answers_and_stops_cleanly_on_ctrl_c(tmp_path):
     import openai
 
-    listen, admin, extproc, triton = free_port(), free_port(), free_port(), free_port()
+    listen, admin, extproc, triton, metrics = free_port(), free_port(), free_port(), free_port(), free_port()
     cmd = [sys.executable, "-m", "extproc", "up", "--work-dir", str(tmp_path), "--listen-port", str(listen),
            "--admin-port", str(admin), "--extproc-port", str(extproc), "--triton-port", str(triton),
-           "--workers", "1", "--models", "llm-small"]
+           "--workers", "1", "--models", "llm-small", "--metrics-port", str(metrics)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     banner = []
     try:
@@ -36,6 +36,7 @@ def test_up_starts_everything_answers_and_stops_cleanly_on_ctrl_c(tmp_path):
         text = "".join(banner)
         assert "llm-extproc is up" in text, text
         assert f"http://127.0.0.1:{listen}/v1" in text
+        assert f"http://127.0.0.1:{metrics}/metrics" in text
 
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{listen}/v1", api_key="unused", max_retries=0)
         reply = client.chat.completions.create(model="auto", max_tokens=4,
