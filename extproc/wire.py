@@ -19,10 +19,19 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
+from google.protobuf import duration_pb2
 
 from .decisions import Continue, Decision, Reply
 
 log = logging.getLogger(__name__)
+
+#: A phase still being handled after this many seconds asks Envoy for more time (Envoy's
+#: ``message_timeout`` is 2 s): a policy may legitimately wait, e.g. for an identical request's
+#: answer (coalescing). Sent at most once per message, as Envoy allows.
+EXTEND_AFTER_SECONDS = 1.0
+#: The time asked for: Envoy's ``max_message_timeout`` in envoy/envoy.yaml (30 s); Envoy ignores
+#: a larger override.
+EXTENDED_MESSAGE_TIMEOUT_SECONDS = 30
 
 Headers = dict[str, str]
 
@@ -117,6 +126,7 @@ class StreamState:
     handler: StreamHandler
     phases: int = 0
     replied: bool = False
+    extending: "asyncio.Future | None" = None  # the override_message_timeout being written
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
@@ -128,6 +138,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
 
     async def Process(self, request_iterator, context):
         state = StreamState(self._new_handler())
+        loop = asyncio.get_running_loop()
         self.active_streams += 1
         cancelled = True
         try:
@@ -136,7 +147,17 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                 request = await context.read()
                 if request is grpc.aio.EOF:
                     break
-                answer = await self._phase(state, request)
+                timer = loop.call_later(EXTEND_AFTER_SECONDS, self._extend, state, context)
+                try:
+                    answer = await self._phase(state, request)
+                finally:
+                    timer.cancel()
+                if state.extending is not None:  # let the extension go out before the answer
+                    extending, state.extending = state.extending, None
+                    try:
+                        await extending
+                    except Exception:  # the stream broke; the answer's write will say so
+                        pass
                 if answer is None:
                     continue
                 state.phases += 1
@@ -151,6 +172,11 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                 await state.handler.stream_closed(cancelled and not state.replied)
             except Exception:  # the stream is over; nothing left to answer
                 log.exception("stream_closed failed")
+
+    @staticmethod
+    def _extend(state: StreamState, context) -> None:
+        """The phase is slow: ask Envoy to extend this message's timeout (once per message)."""
+        state.extending = asyncio.ensure_future(context.write(_EXTEND_MESSAGE))
 
     async def _phase(self, state: StreamState, request: pb.ProcessingRequest):
         phase = request.WhichOneof("request")
@@ -174,6 +200,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             log.exception("handler failed in %s", phase)
             decision = handler.internal_error(exc)
         return _answer(phase, decision)
+
+
+_EXTEND_MESSAGE = pb.ProcessingResponse(
+    override_message_timeout=duration_pb2.Duration(seconds=EXTENDED_MESSAGE_TIMEOUT_SECONDS))
 
 
 def add_to_server(servicer: ExternalProcessor, server: grpc.aio.Server) -> None:
