@@ -1,0 +1,141 @@
+"""Atomic reservations (reserve / commit / release) and records: identical in memory and on Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+
+from extproc.state import Charge, MemoryStore, RedisStore, StoreUnavailable
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request):
+    if request.param == "memory":
+        s = MemoryStore(prefix="t:")
+    else:
+        s = RedisStore(request.getfixturevalue("redis_url"), prefix=f"t{uuid.uuid4().hex[:8]}:")
+    yield s
+    await s.close()
+
+
+def later(seconds: float = 60) -> float:
+    return time.time() + seconds
+
+
+async def test_reserve_charges_all_or_nothing(store):
+    charges = [Charge("a", 5, 10, later()), Charge("b", 5, 7, later())]
+    first = await store.reserve("r1", charges, ttl=60)
+    assert first.ok and first.levels == [0, 0] and first.failed is None
+    second = await store.reserve("r2", charges, ttl=60)  # b would reach 10 > 7
+    assert not second.ok and second.failed == 1 and second.levels == [5, 5]
+    assert await store.read_counters(["a", "b"]) == [(5, 5), (5, 5)]  # nothing charged by r2
+
+
+async def test_commit_reconciles_to_real_usage_once(store):
+    await store.reserve("r1", [Charge("tok", 100, 1000, later()), Charge("req", 1, None, later())], ttl=60)
+    assert await store.commit("r1", {"tok": 37})
+    assert await store.read_counters(["tok", "req"]) == [(37, 0), (1, 0)]  # req kept its reserved 1
+    assert not await store.commit("r1", {"tok": 50})  # settled already: no double charge
+    assert not await store.release("r1")
+    assert await store.read_counters(["tok"]) == [(37, 0)]
+
+
+async def test_release_gives_everything_back(store):
+    await store.reserve("r1", [Charge("tok", 100, 1000, later())], ttl=60)
+    await store.reserve("r2", [Charge("tok", 50, 1000, later())], ttl=60)
+    assert await store.release("r1")
+    assert await store.read_counters(["tok"]) == [(50, 50)]
+    assert not await store.release("r1")
+    assert await store.commit("r2", {"tok": 60})
+    assert await store.read_counters(["tok"]) == [(60, 0)]
+
+
+async def test_commit_may_go_over_the_limit_but_then_refuses(store):
+    await store.reserve("r1", [Charge("tok", 10, 10, later())], ttl=60)
+    await store.commit("r1", {"tok": 15})  # the model used more than estimated: spend is spend
+    refused = await store.reserve("r2", [Charge("tok", 0, 10, later())], ttl=60)
+    assert not refused.ok and refused.levels == [15]
+
+
+async def test_unlimited_counters_just_count(store):
+    for i in range(3):
+        assert (await store.reserve(f"r{i}", [Charge("n", 1000, None, later())], ttl=60)).ok
+    assert await store.read_counters(["n", "missing"]) == [(3000, 3000), (0, 0)]
+
+
+async def test_no_check_then_increment_race(store):
+    """200 concurrent reservations of 1 against a limit of 50: exactly 50 succeed."""
+    results = await asyncio.gather(*[
+        store.reserve(f"r{i}", [Charge("c", 1, 50, later())], ttl=60) for i in range(200)])
+    assert sum(r.ok for r in results) == 50
+    assert await store.read_counters(["c"]) == [(50, 50)]
+
+
+async def test_counters_expire_with_their_window(store):
+    await store.reserve("r1", [Charge("w", 5, 10, time.time() + 0.15)], ttl=60)
+    assert (await store.read_counters(["w"]))[0][0] == 5
+    await asyncio.sleep(0.3)
+    assert await store.read_counters(["w"]) == [(0, 0)]
+    assert await store.commit("r1", {"w": 3})  # the window is gone: nothing to adjust, no error
+    assert await store.read_counters(["w"]) == [(0, 0)]
+
+
+async def test_reservation_ttl_expires_without_settling(store):
+    await store.reserve("r1", [Charge("x", 5, None, later())], ttl=0.1)
+    await asyncio.sleep(0.25)
+    assert not await store.release("r1")  # forgotten: the worst case stays charged (conservative)
+    assert (await store.read_counters(["x"]))[0][0] == 5
+
+
+async def test_records_and_get_many(store):
+    assert await store.get_record("k") is None
+    await store.put_record("k", b"v")
+    assert await store.get_record("k") == b"v"
+    assert await store.delete_record("k")
+    assert not await store.delete_record("k")
+    await store.set("a", b"1")
+    assert await store.get_many(["a", "b"]) == [b"1", None]
+
+
+def test_memory_records_survive_cache_pressure_and_are_capped():
+    s = MemoryStore(max_bytes=2000, max_records=3)
+
+    async def run():
+        await s.put_record("key", b"secret")
+        for i in range(100):
+            await s.set(f"c{i}", b"x" * 100)
+        assert await s.get_record("key") == b"secret"
+        await s.put_record("k2", b"")
+        await s.put_record("k3", b"")
+        with pytest.raises(StoreUnavailable):
+            await s.put_record("k4", b"")
+        await s.put_record("k3", b"again")  # replacing one is fine
+
+    asyncio.run(run())
+
+
+def test_memory_counters_are_bounded_and_swept():
+    s = MemoryStore(max_counters=10)
+
+    async def run():
+        for i in range(5):
+            assert (await s.reserve(f"r{i}", [Charge(f"c{i}", 1, None, time.time() + 0.05)], ttl=0.05)).ok
+        with pytest.raises(StoreUnavailable):  # full: refusing is safer than forgetting spend
+            await s.reserve("r5", [Charge("c5", 1, None, time.time() + 0.05)], ttl=0.05)
+        await asyncio.sleep(0.1)
+        assert (await s.reserve("r6", [Charge("c6", 1, None, later())], ttl=60)).ok  # expired ones swept
+        assert len(s._counters) == 2 and len(s._reservations) == 1
+
+    asyncio.run(run())
+
+
+async def test_redis_down_reserve_raises_store_unavailable():
+    s = RedisStore("redis://127.0.0.1:1/0", timeout=0.2)
+    with pytest.raises(StoreUnavailable):
+        await s.reserve("r", [Charge("c", 1, 1, later())], ttl=1)
+    with pytest.raises(StoreUnavailable):
+        await s.commit("r", {"c": 1})
+    await s.close()
