@@ -77,6 +77,21 @@ def extproc_choose_tier(ctx: "RequestContext", candidates: list[str]) -> "TierCh
     """
 
 
+@hookspec
+def extproc_adjust_tier(ctx: "RequestContext", choice: "TierChoice", candidates: list[str]) -> None:
+    """The tier is chosen; adjust it (every plugin, in order) before the upstream request is built.
+
+    For policies that move a decision rather than make one: spill-over from a loaded tier,
+    downgrading a request over its soft budget. Each plugin sees the choice as the previous one
+    left it and may change ``choice.tier`` and ``choice.reason`` in place; it should keep the
+    new tier within ``candidates`` and note what it did in ``ctx.route_trace``.
+
+    :param ctx: the request, with ``ctx.request`` set (``ctx.tier`` is not set yet).
+    :param choice: the :class:`~extproc.context.TierChoice` made by ``extproc_choose_tier`` (mutable).
+    :param candidates: the tiers still allowed after ``extproc_choose_tier``, in configuration order.
+    """
+
+
 @hookspec(firstresult=True)
 def extproc_before_upstream(ctx: "RequestContext", upstream: "UpstreamRequest") -> "Reply | None":
     """The final upstream request is built (path, body, headers); the last chance to change or stop it.
@@ -125,7 +140,8 @@ HOOK_NAMES: tuple[str, ...] = tuple(
 """Every hook name, in lifecycle order."""
 
 REQUEST_PHASE_HOOKS = frozenset(
-    {"extproc_request_headers", "extproc_request_parsed", "extproc_choose_tier", "extproc_before_upstream"}
+    {"extproc_request_headers", "extproc_request_parsed", "extproc_choose_tier", "extproc_adjust_tier",
+     "extproc_before_upstream"}
 )
 """Hooks that run before the upstream call: a fail_closed plugin raising here refuses the request."""
 

@@ -8,10 +8,11 @@ hook calls and a decision:
    strip the gateway's internal ``x-extproc-*`` headers a client may have sent, and call
    ``extproc_request_headers``.
 2. **request body**: parse the OpenAI request (bad input gets an OpenAI-style 4xx), call
-   ``extproc_request_parsed``, then ``extproc_choose_tier``; build the upstream request for the
-   tier's kind (Triton generate: chat template, path and body rewritten; OpenAI-compatible: the
-   request passed through with the model renamed), call ``extproc_before_upstream``, and send it on
-   with the ``x-extproc-tier`` header set and Envoy's route cache cleared so the route is re-picked.
+   ``extproc_request_parsed``, then ``extproc_choose_tier`` and ``extproc_adjust_tier``; build the
+   upstream request for the tier's kind (Triton generate: chat template, path and body rewritten;
+   OpenAI-compatible: the request passed through with the model renamed), call
+   ``extproc_before_upstream``, and send it on with the ``x-extproc-tier`` header set and Envoy's
+   route cache cleared so the route is re-picked.
 3. **response headers**: note the status, drop ``content-length`` where the body will change, set
    the content type and the gateway's response headers.
 4. **response body**: translate Triton's answer into OpenAI's, chunk by chunk for SSE (events split
@@ -149,6 +150,7 @@ class RequestLifecycle:
             raise oai.model_not_found(ctx.request.model)
         if isinstance(choice, str):
             choice = TierChoice(choice)
+        await self.hooks.each("extproc_adjust_tier", ctx, choice=choice, candidates=candidates)
         tier = self.gateway.tiers.tiers.get(choice.tier)
         if tier is None:
             raise oai.internal_error(f"A routing policy chose tier {choice.tier!r}, which is not configured.")

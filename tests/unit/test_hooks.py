@@ -136,6 +136,29 @@ async def test_extproc_choose_tier():
     assert pinned_forbidden.json()["error"]["code"] == "model_not_allowed"
 
 
+async def test_extproc_adjust_tier():
+    class OneDown:
+        """Moves whatever was chosen one tier down; sees the choice as the previous plugin left it."""
+
+        seen = []
+
+        @hookimpl
+        def extproc_adjust_tier(self, ctx, choice, candidates):
+            self.seen.append((choice.tier, list(candidates), ctx.tier))
+            if choice.tier == "large":
+                choice.tier, choice.reason = "medium", "one down"
+
+    async with GatewayHarness(OneDown) as gw:
+        moved = await gw.chat("hi", model="large")
+        kept = await gw.chat("hi", model="small")
+    assert OneDown.seen[0] == ("large", ["small", "medium", "large"], None)  # before ctx.tier is set
+    assert moved.upstream_headers["x-extproc-tier"] == "medium"
+    assert moved.upstream_path == "/v2/models/llm-medium/generate"
+    assert moved.headers["x-extproc-tier-reason"] == "one down"
+    assert kept.upstream_headers["x-extproc-tier"] == "small"
+    assert kept.headers["x-extproc-tier-reason"] == "pinned"
+
+
 async def test_extproc_before_upstream():
     class Tag:
         @hookimpl
