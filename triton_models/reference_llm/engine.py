@@ -280,6 +280,7 @@ class Engine:
         self.stats["decode_tokens"] += b
         if b > self.max_batch_seen:
             self.max_batch_seen = b
+        greedy = np.argmax(logits, axis=1)  # one vectorised argmax for the greedy sequences
         done = []
         for i, seq in enumerate(active):
             seq.position += 1
@@ -289,16 +290,19 @@ class Engine:
                 self.stats["cancelled"] += 1
                 done.append(i)
                 continue
-            self._accept(seq, logits[i])
+            self._accept(seq, logits[i], int(greedy[i]))
             if seq.finished:
                 done.append(i)
         self.timings["emit"] += time.perf_counter() - t1
         if done:
             self._retire(done)
 
-    def _accept(self, seq: _Sequence, logits: np.ndarray) -> None:
+    def _accept(self, seq: _Sequence, logits: np.ndarray, argmax: int | None = None) -> None:
         """Sample the next token from ``logits`` and emit its event."""
-        idx = sample(logits, seq.req, seq.rng)
+        if argmax is not None and (seq.req.temperature <= 0 or seq.rng is None):
+            idx = argmax
+        else:
+            idx = sample(logits, seq.req, seq.rng)
         token = int(self.model.vocab[idx])
         if seq.first_token_at is None:
             seq.first_token_at = time.monotonic()

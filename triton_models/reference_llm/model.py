@@ -1,6 +1,6 @@
 """A small decoder-only transformer in NumPy with fixed, seeded random weights.
 
-Real arithmetic per token (pre-norm blocks: multi-head causal self-attention + GELU MLP), a
+Real arithmetic per token (pre-norm blocks: multi-head causal self-attention + ReLU MLP), a
 slot-based KV cache for in-flight batching, no sleeping anywhere.  The weights are random, so the
 model produces gibberish: it exists to make Triton do LLM-shaped work (prefill, per-token decode
 cost growing with model size, batched decode steps) on a CPU.
@@ -60,12 +60,22 @@ def tier_config(name: str) -> TierConfig:
         raise ValueError(f"unknown tier {name!r}; known: {sorted(TIERS)}") from None
 
 
+def _lin(x: np.ndarray, wt: np.ndarray) -> np.ndarray:
+    """``x @ W`` for ``wt = W.T`` stored contiguously ([out, in], like torch.nn.Linear).
+
+    OpenBLAS is much faster at ``W.T @ x.T`` than at ``x @ W`` when x has few rows (a decode
+    batch of 4-16 sequences): 1.6-4x on the sizes used here.  The result is a transposed view.
+    """
+    return (wt @ x.T).T
+
+
 def _rmsnorm(x: np.ndarray, g: np.ndarray) -> np.ndarray:
-    return x * (g / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 1e-6))
+    ms = np.einsum("ij,ij->i", x, x)[:, None] / np.float32(x.shape[-1])
+    return x * (g / np.sqrt(ms + np.float32(1e-6)))
 
 
-def _gelu(x: np.ndarray) -> np.ndarray:
-    return 0.5 * x * (1.0 + np.tanh(0.7978845608 * (x + 0.044715 * x * x * x)))
+def _relu(x: np.ndarray) -> np.ndarray:
+    return np.maximum(x, np.float32(0.0), out=x)  # x is a fresh temporary: safe in place
 
 
 def _softmax_lastdim(x: np.ndarray) -> np.ndarray:
@@ -93,6 +103,9 @@ class ReferenceTransformer:
         def w(*shape: int, fan_in: int) -> np.ndarray:
             return (rng.standard_normal(shape, dtype=np.float32) / np.sqrt(fan_in)).astype(np.float32)
 
+        def _t(m: np.ndarray) -> np.ndarray:  # matrices are stored transposed, see _lin
+            return np.ascontiguousarray(m.T)
+
         self.vocab = output_vocab(cfg.vocab_out)                  # output index -> cl100k id
         self.index_of = {int(t): i for i, t in enumerate(self.vocab)}
         self.embed = w(cfg.embed_rows, d, fan_in=1) * np.float32(0.5)
@@ -101,15 +114,15 @@ class ReferenceTransformer:
             self.layers.append(
                 dict(
                     g1=np.ones(d, np.float32),
-                    wqkv=w(d, 3 * d, fan_in=d),
-                    wo=w(d, d, fan_in=d),
+                    wqkv=_t(w(d, 3 * d, fan_in=d)),
+                    wo=_t(w(d, d, fan_in=d)),
                     g2=np.ones(d, np.float32),
-                    w1=w(d, f, fan_in=d),
-                    w2=w(f, d, fan_in=f),
+                    w1=_t(w(d, f, fan_in=d)),
+                    w2=_t(w(f, d, fan_in=f)),
                 )
             )
         self.g_final = np.ones(d, np.float32)
-        self.unembed = w(d, cfg.vocab_out, fan_in=d) * np.float32(cfg.logit_scale)
+        self.unembed = _t(w(d, cfg.vocab_out, fan_in=d) * np.float32(cfg.logit_scale))
         self.logit_bias = np.zeros(cfg.vocab_out, np.float32)
         if EOS_ID in self.index_of:
             self.logit_bias[self.index_of[EOS_ID]] = cfg.eos_bias
@@ -131,7 +144,7 @@ class ReferenceTransformer:
         return self.embed[rows.astype(np.int64)] + self.pos_embed[positions]
 
     def _logits(self, x: np.ndarray) -> np.ndarray:
-        return _rmsnorm(x, self.g_final) @ self.unembed + self.logit_bias
+        return _lin(_rmsnorm(x, self.g_final), self.unembed) + self.logit_bias
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Copy the first ``length`` cached positions of slot ``src`` into slot ``dst``."""
@@ -166,15 +179,15 @@ class ReferenceTransformer:
         mask = np.where(visible, np.float32(0.0), np.float32(-np.inf)).astype(np.float32)
         x = self._embed_ids(ids, positions)
         for li, p in enumerate(self.layers):
-            a = _rmsnorm(x, p["g1"]) @ p["wqkv"]                       # [n, 3d]
+            a = np.ascontiguousarray(_lin(_rmsnorm(x, p["g1"]), p["wqkv"]))  # [n, 3d]
             q, k, v = a.reshape(n, 3, h, dh).transpose(1, 2, 0, 3)       # each [h, n, dh]
             for slot, st, ln in zip(slots, starts, lens):
                 self.k_cache[li][slot, :, :ln] = k[:, st:st + ln]
                 self.v_cache[li][slot, :, :ln] = v[:, st:st + ln]
             s = (q @ k.transpose(0, 2, 1)) * self._scale + mask          # [h, n, n]
             o = _softmax_lastdim(s) @ v                                  # [h, n, dh]
-            x = x + o.transpose(1, 0, 2).reshape(n, -1) @ p["wo"]
-            x = x + _gelu(_rmsnorm(x, p["g2"]) @ p["w1"]) @ p["w2"]
+            x = x + _lin(o.transpose(1, 0, 2).reshape(n, -1), p["wo"])
+            x = x + _lin(_relu(_lin(_rmsnorm(x, p["g2"]), p["w1"])), p["w2"])
         return self._logits(x[starts + lens - 1])
 
     def decode(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -193,7 +206,7 @@ class ReferenceTransformer:
         mask = np.where(np.arange(tmax)[None, :] <= positions[:, None], 0.0, -np.inf).astype(np.float32)
         mask = mask[:, None, None, :]                                     # [b, 1, 1, tmax]
         for li, p in enumerate(self.layers):
-            a = _rmsnorm(x, p["g1"]) @ p["wqkv"]                          # [b, 3d]
+            a = np.ascontiguousarray(_lin(_rmsnorm(x, p["g1"]), p["wqkv"]))  # [b, 3d]
             q, k, v = a.reshape(b, 3, h, dh).transpose(1, 0, 2, 3)        # each [b, h, dh]
             kc, vc = self.k_cache[li], self.v_cache[li]
             kc[rows, :, positions] = k
@@ -202,6 +215,6 @@ class ReferenceTransformer:
             vals = vc[:b, :, :tmax]
             s = (q[:, :, None, :] @ keys.transpose(0, 1, 3, 2)) * self._scale + mask  # [b,h,1,tmax]
             o = _softmax_lastdim(s) @ vals                                # [b, h, 1, dh]
-            x = x + o.reshape(b, -1) @ p["wo"]
-            x = x + _gelu(_rmsnorm(x, p["g2"]) @ p["w1"]) @ p["w2"]
+            x = x + _lin(o.reshape(b, -1), p["wo"])
+            x = x + _lin(_relu(_lin(_rmsnorm(x, p["g2"]), p["w1"])), p["w2"])
         return self._logits(x)
