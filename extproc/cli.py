@@ -118,6 +118,21 @@ Ctrl-C stops everything.
     return 0
 
 
+def cmd_report(args) -> int:
+    """Cost tables per workflow, tenant and tier (and PNG charts) from the usage records."""
+    from .report import run
+
+    files = args.file or ([] if args.redis else [".run/usage/usage.jsonl"])
+    try:
+        text, _charts = run(files=files, redis_url=args.redis, stream=args.stream, since=args.since,
+                            until=args.until, fmt=args.format, charts=args.charts)
+    except (ValueError, RuntimeError, OSError) as err:
+        print(f"extproc report: {err}", file=sys.stderr)
+        return 2
+    print(text)
+    return 0
+
+
 def cmd_triton_fill(args) -> int:
     """Fill the templated TensorRT-LLM model repository for one deployment."""
     from .trtllm_fill import main as fill_main
@@ -160,6 +175,18 @@ def build_parser() -> argparse.ArgumentParser:
     plugins = sub.add_parser("plugins", help=cmd_plugins.__doc__)
     plugins.add_argument("--config")
     plugins.set_defaults(func=cmd_plugins)
+
+    report = sub.add_parser("report", help=cmd_report.__doc__)
+    report.add_argument("--file", action="append", metavar="PATH",
+                        help="usage records: a JSON Lines file (its rotated copies too) or a directory; "
+                             "repeatable (default: .run/usage/usage.jsonl)")
+    report.add_argument("--redis", metavar="URL", help="read the usage records' Redis stream")
+    report.add_argument("--stream", default="extproc:usage", help="the stream's full key (default: extproc:usage)")
+    report.add_argument("--since", help="start of the period: 24h, 7d, 2026-01-31, ISO datetime or Unix seconds")
+    report.add_argument("--until", help="end of the period (same forms)")
+    report.add_argument("--format", choices=["table", "json"], default="table")
+    report.add_argument("--charts", metavar="DIR", help="write cost_over_time.png, tier_mix.png, cache_hit_rate.png")
+    report.set_defaults(func=cmd_report)
 
     triton = sub.add_parser("triton", help="Triton model repository tools")
     tsub = triton.add_subparsers(dest="triton_command", required=True)
