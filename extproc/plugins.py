@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "extproc.plugins"
 PLUGINS_ENV = "EXTPROC_PLUGINS"
-DEFAULT_PLUGINS: tuple[str, ...] = ("model_tiers", "request_log")
+DEFAULT_PLUGINS: tuple[str, ...] = ("model_tiers", "request_log", "usage_records", "metrics")
 """Built-in plugins loaded when the configuration has no ``plugins:`` list."""
 
 
