@@ -17,7 +17,7 @@ def base() -> dict:
 def test_embedded_default_is_valid_and_loads_the_default_plugins():
     config = load_config(None)
     assert config.default_tier == "small"
-    assert Gateway(config).plugin_names == ["model_tiers", "request_log"]
+    assert Gateway(config).plugin_names == ["model_tiers", "request_log", "usage_records", "metrics"]
 
 
 def test_omitted_plugins_list_means_default_plugins():
@@ -53,14 +53,14 @@ def test_bad_config_names_the_key(mutate, message):
 def test_unknown_plugin_is_named_with_the_installed_ones():
     data = base()
     data["plugins"].append({"name": "no_such_plugin"})
-    with pytest.raises(ConfigError, match=r"plugins\[2\]\.name: unknown plugin 'no_such_plugin' \(installed: .*model_tiers"):
+    with pytest.raises(ConfigError, match=r"plugins\[\d+\]\.name: unknown plugin 'no_such_plugin' \(installed: .*model_tiers"):
         Gateway(parse_config(data))
 
 
 def test_plugin_listed_twice_is_an_error():
     data = base()
     data["plugins"].append({"name": "model_tiers"})
-    with pytest.raises(ConfigError, match=r"plugins\[2\]\.name: plugin 'model_tiers' is listed twice"):
+    with pytest.raises(ConfigError, match=r"plugins\[\d+\]\.name: plugin 'model_tiers' is listed twice"):
         Gateway(parse_config(data))
 
 
