@@ -23,3 +23,13 @@ class RaiserOpen(_Raiser):
     """Raises when a message contains 'raise-open' (configured fail_open in the tests)."""
 
     trigger = "raise-open"
+
+
+class Tagger:
+    """Sets ctx.tenant / ctx.workflow from the x-test-tenant / x-test-workflow request headers
+    (what an auth policy would do), so tests can drive per-tenant and per-workflow accounting."""
+
+    @hookimpl
+    def extproc_request_headers(self, ctx):
+        ctx.tenant = ctx.headers.get("x-test-tenant", ctx.tenant)
+        ctx.workflow = ctx.headers.get("x-test-workflow", ctx.workflow)
