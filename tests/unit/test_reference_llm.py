@@ -234,3 +234,12 @@ def test_cancelled_requests_leave_the_batch(small):
     assert 1 <= len(events) <= 2 + small.cancel_check_every
     assert not events[-1].final
     assert not small.busy
+
+
+def test_long_prompts_are_truncated_but_counted(small):
+    prompt = "word " * 3000
+    n = len(get_encoding().encode(prompt))
+    assert n > 2000
+    text, events = run(small, GenRequest(prompt, max_tokens=3))
+    assert events[-1].prompt_tokens == n
+    assert events[-1].completion_tokens == 3
