@@ -106,7 +106,8 @@ def configure_logging(level: str) -> None:
     )
 
 
-def _worker_main(config: GatewayConfig, ready) -> None:
+def _worker_main(config: GatewayConfig, ready, index: int = 0) -> None:
+    os.environ["EXTPROC_WORKER_INDEX"] = str(index)  # lets a plugin run one thing once (the admin API)
     configure_logging(config.server.log_level)
     try:
         asyncio.run(serve_worker(config, ready))
@@ -173,9 +174,9 @@ def serve_workers(config: GatewayConfig, *, on_ready=None) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    for _ in range(workers):
+    for index in range(workers):
         ready = ctx.Event()
-        proc = ctx.Process(target=_worker_main, args=(config, ready), daemon=False)
+        proc = ctx.Process(target=_worker_main, args=(config, ready, index), daemon=False)
         proc.start()
         procs.append(proc)
         events.append(ready)
