@@ -1,0 +1,329 @@
+"""Budgets and rate limits on the shared store: limits, windows, counters, reservations, spend.
+
+Shared by the ``budgets`` policy (admission and reconciliation) and the admin API (set budgets,
+read spend). Three **metrics** (``requests``, ``tokens``, ``usd``) over four **windows**
+(``minute``, ``hour``, ``day``, ``month``) for three **scopes** of subject:
+
+* ``tenant``: the tenant id (``ctx.tenant``);
+* ``workflow``: ``<tenant>/<workflow>`` (workflows belong to a tenant);
+* ``api_key``: the key id (``ctx.api_key_id``).
+
+Windows are fixed and aligned in UTC (this minute, this hour, today, this calendar month), so a
+refusal can say exactly when the window resets (``Retry-After``). One counter per subject, metric,
+window and bucket; every counter a request touches is reserved in one atomic store operation
+(:meth:`Store.reserve <extproc.state.MemoryStore.reserve>`): either all fit, or none is charged.
+USD is counted in integer nano-dollars, so sums are exact.
+
+A subject's limits: an override set through the admin API (a store record) if any, else the
+configuration's own entry for it, else the configuration's default for its scope.
+"""
+
+from __future__ import annotations
+
+import calendar
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Iterable, Literal, Mapping
+from urllib.parse import quote
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .state import Charge, Store
+
+METRICS = ("requests", "tokens", "usd")
+WINDOWS = ("minute", "hour", "day", "month")
+SCOPES = ("tenant", "workflow", "api_key")
+NANO = 1_000_000_000  # nano-USD per USD
+
+Scope = Literal["tenant", "workflow", "api_key"]
+LIMIT_FIELDS = tuple(f"{m}_per_{w}" for m in METRICS for w in WINDOWS)
+
+
+class Limits(BaseModel):
+    """A subject's limits; every field optional (``None``: no limit on that metric and window)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests_per_minute: int | None = Field(None, ge=0)
+    requests_per_hour: int | None = Field(None, ge=0)
+    requests_per_day: int | None = Field(None, ge=0)
+    requests_per_month: int | None = Field(None, ge=0)
+    tokens_per_minute: int | None = Field(None, ge=0)
+    tokens_per_hour: int | None = Field(None, ge=0)
+    tokens_per_day: int | None = Field(None, ge=0)
+    tokens_per_month: int | None = Field(None, ge=0)
+    usd_per_minute: float | None = Field(None, ge=0)
+    usd_per_hour: float | None = Field(None, ge=0)
+    usd_per_day: float | None = Field(None, ge=0)
+    usd_per_month: float | None = Field(None, ge=0)
+
+    def limit(self, metric: str, window: str) -> int | None:
+        """The limit in counter units (nano-USD for ``usd``), or None."""
+        value = getattr(self, f"{metric}_per_{window}")
+        if value is None:
+            return None
+        return int(round(value * NANO)) if metric == "usd" else int(value)
+
+    def compact(self) -> dict:
+        return self.model_dump(exclude_none=True)
+
+
+class BudgetTables(BaseModel):
+    """The limits part of the ``budgets`` plugin's settings (also read by the admin API)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    defaults: dict[Scope, Limits] = Field(default_factory=dict,
+                                          description="limits of every subject of a scope without its own")
+    tenants: dict[str, Limits] = Field(default_factory=dict)
+    workflows: dict[str, Limits] = Field(default_factory=dict, description="keyed '<tenant>/<workflow>'")
+    api_keys: dict[str, Limits] = Field(default_factory=dict, description="keyed by key id")
+    track: dict[Scope, list[Literal["minute", "hour", "day", "month"]]] = Field(
+        default_factory=lambda: {"tenant": ["day", "month"]},
+        description="windows counted even without a limit, so their spend can be read")
+
+    @classmethod
+    def from_plugin_settings(cls, settings: dict) -> "BudgetTables":
+        """The tables out of a ``budgets`` plugin entry's settings (other keys ignored)."""
+        return cls.model_validate({k: v for k, v in settings.items() if k in cls.model_fields})
+
+    def configured(self) -> dict[tuple[str, str], Limits]:
+        out = {}
+        for scope, table in (("tenant", self.tenants), ("workflow", self.workflows), ("api_key", self.api_keys)):
+            for subject, limits in table.items():
+                out[(scope, subject)] = limits
+        return out
+
+
+def usd_to_units(usd: float) -> int:
+    return int(round(usd * NANO))
+
+
+def units_to_usd(units: int) -> float:
+    return units / NANO
+
+
+def window_bounds(window: str, now: float) -> tuple[str, float, float]:
+    """``(bucket id, start, end)`` of the window containing ``now`` (Unix seconds, UTC)."""
+    if window == "minute":
+        b = int(now // 60)
+        return str(b), b * 60.0, b * 60.0 + 60
+    if window == "hour":
+        b = int(now // 3600)
+        return str(b), b * 3600.0, b * 3600.0 + 3600
+    if window == "day":
+        b = int(now // 86400)
+        return str(b), b * 86400.0, b * 86400.0 + 86400
+    if window == "month":
+        t = datetime.fromtimestamp(now, timezone.utc)
+        start = calendar.timegm((t.year, t.month, 1, 0, 0, 0))
+        year, month = (t.year + 1, 1) if t.month == 12 else (t.year, t.month + 1)
+        end = calendar.timegm((year, month, 1, 0, 0, 0))
+        return f"{t.year:04d}{t.month:02d}", float(start), float(end)
+    raise ValueError(f"unknown window {window!r}")
+
+
+def counter_key(scope: str, subject: str, metric: str, window: str, bucket: str) -> str:
+    return f"bud:{scope}:{quote(subject, safe='')}:{metric}:{window}:{bucket}"
+
+
+def settings_key(scope: str, subject: str) -> str:
+    return f"budgetcfg:{scope}:{quote(subject, safe='')}"
+
+
+@dataclass(slots=True, frozen=True)
+class Subject:
+    scope: str
+    id: str
+
+    def describe(self) -> str:
+        return f"{self.scope.replace('_', ' ')} {self.id!r}"
+
+
+def subjects_of(tenant: str | None, workflow: str | None, api_key_id: str | None) -> list[Subject]:
+    """The subjects a request is charged to."""
+    out = []
+    if tenant:
+        out.append(Subject("tenant", tenant))
+        if workflow:
+            out.append(Subject("workflow", f"{tenant}/{workflow}"))
+    if api_key_id:
+        out.append(Subject("api_key", api_key_id))
+    return out
+
+
+@dataclass(slots=True)
+class Planned:
+    """One counter of a reservation, and what it means."""
+
+    subject: Subject
+    metric: str
+    window: str
+    limit: int | None
+    end: float
+
+    def describe(self) -> str:
+        return f"{self.subject.describe()}: {self.metric} per {self.window}"
+
+
+@dataclass(slots=True)
+class Admission:
+    """The outcome of :meth:`BudgetLedger.reserve`."""
+
+    ok: bool
+    keys: dict[str, list[str]] = field(default_factory=dict)  # metric -> counter keys charged
+    max_ratio: float = 0.0  # the fullest limited counter after this reservation (1.0 = at the limit)
+    refused: Planned | None = None  # the budget that did not fit
+    level: int = 0  # its level before this request (spent + reserved)
+    requested: int = 0  # what this request asked of it
+    retry_after: int = 0  # seconds until its window resets
+
+
+class BudgetLedger:
+    """Limits per subject and the store operations budgets need.
+
+    :param store: the gateway's store (Redis to share budgets across workers and gateways).
+    :param defaults: limits per scope for subjects without their own.
+    :param configured: limits of named subjects from the configuration.
+    :param track: windows counted per scope even without a limit (so spend can be read).
+    :param settings_ttl: seconds an admin-set override is cached in this process.
+    :param grace: seconds a counter outlives its window (a request admitted at the end of a window
+        is reconciled into the window that admitted it).
+    """
+
+    def __init__(self, store: Store, *, defaults: Mapping[str, Limits] | None = None,
+                 configured: Mapping[tuple[str, str], Limits] | None = None,
+                 track: Mapping[str, Iterable[str]] | None = None, settings_ttl: float = 2.0,
+                 grace: float = 3600.0, cache_size: int = 10_000):
+        self.store = store
+        self.defaults = dict(defaults or {})
+        self.configured = dict(configured or {})
+        self.track = {scope: tuple(windows) for scope, windows in (track or {}).items()}
+        self.settings_ttl = settings_ttl
+        self.grace = grace
+        self.cache_size = cache_size
+        self._cache: dict[tuple[str, str], tuple[Limits | None, float]] = {}
+
+    # limits ------------------------------------------------------------------------------
+    async def overrides(self, subjects: list[Subject]) -> dict[Subject, Limits | None]:
+        """Admin-set limits of these subjects (cached ``settings_ttl`` seconds in this process)."""
+        now = time.monotonic()
+        out: dict[Subject, Limits | None] = {}
+        missing = []
+        for s in subjects:
+            hit = self._cache.get((s.scope, s.id))
+            if hit is not None and hit[1] > now:
+                out[s] = hit[0]
+            else:
+                missing.append(s)
+        if missing:
+            values = await self.store.get_many([settings_key(s.scope, s.id) for s in missing])
+            if len(self._cache) + len(missing) > self.cache_size:
+                self._cache.clear()
+            for s, raw in zip(missing, values):
+                limits = Limits.model_validate_json(raw) if raw else None
+                self._cache[(s.scope, s.id)] = (limits, now + self.settings_ttl)
+                out[s] = limits
+        return out
+
+    async def limits_for(self, subject: Subject) -> Limits | None:
+        """The limits in force for one subject (override > configured > scope default)."""
+        override = (await self.overrides([subject]))[subject]
+        return self._effective(subject, override)
+
+    def _effective(self, subject: Subject, override: Limits | None) -> Limits | None:
+        if override is not None:
+            return override
+        return self.configured.get((subject.scope, subject.id)) or self.defaults.get(subject.scope)
+
+    async def set_limits(self, subject: Subject, limits: Limits | None) -> None:
+        """Set (or with None, remove) a subject's override; other processes see it within ``settings_ttl``."""
+        key = settings_key(subject.scope, subject.id)
+        if limits is None:
+            await self.store.delete_record(key)
+        else:
+            await self.store.put_record(key, limits.model_dump_json(exclude_none=True).encode())
+        self._cache.pop((subject.scope, subject.id), None)
+
+    # planning --------------------------------------------------------------------------------
+    def plan(self, subject_limits: Mapping[Subject, Limits | None], now: float) -> list[tuple[str, Planned]]:
+        """Every counter a request of these subjects touches: limited ones and tracked windows."""
+        out: list[tuple[str, Planned]] = []
+        bounds = {w: window_bounds(w, now) for w in WINDOWS}
+        for subject, limits in subject_limits.items():
+            tracked = self.track.get(subject.scope, ())
+            for window in WINDOWS:
+                bucket, _start, end = bounds[window]
+                for metric in METRICS:
+                    limit = limits.limit(metric, window) if limits is not None else None
+                    if limit is None and window not in tracked:
+                        continue
+                    key = counter_key(subject.scope, subject.id, metric, window, bucket)
+                    out.append((key, Planned(subject, metric, window, limit, end)))
+        return out
+
+    # the request path ------------------------------------------------------------------------
+    async def reserve(self, reservation_id: str, subjects: list[Subject], amounts: Mapping[str, int],
+                      *, ttl: float, now: float | None = None) -> Admission:
+        """Reserve ``amounts`` (metric -> units) on every counter of ``subjects``, all or nothing."""
+        now = time.time() if now is None else now
+        overrides = await self.overrides(subjects)
+        planned = self.plan({s: self._effective(s, overrides[s]) for s in subjects}, now)
+        if not planned:
+            return Admission(True)
+        charges = [Charge(key, amounts.get(p.metric, 0), p.limit, p.end + self.grace) for key, p in planned]
+        result = await self.store.reserve(reservation_id, charges, ttl)
+        if not result.ok:
+            p = planned[result.failed][1]
+            return Admission(False, refused=p, level=result.levels[result.failed],
+                             requested=charges[result.failed].amount,
+                             retry_after=max(1, math.ceil(p.end - now)))
+        keys: dict[str, list[str]] = {}
+        ratio = 0.0
+        for (key, p), charge, level in zip(planned, charges, result.levels):
+            keys.setdefault(p.metric, []).append(key)
+            if p.limit:
+                ratio = max(ratio, (level + charge.amount) / p.limit)
+            elif p.limit == 0:
+                ratio = max(ratio, 1.0)
+        return Admission(True, keys=keys, max_ratio=ratio)
+
+    async def commit(self, reservation_id: str, keys: Mapping[str, list[str]], actual: Mapping[str, int]) -> bool:
+        """Reconcile a reservation to the real amounts (metric -> units); once."""
+        per_key = {key: int(actual[metric]) for metric, ks in keys.items() if metric in actual for key in ks}
+        return await self.store.commit(reservation_id, per_key)
+
+    async def release(self, reservation_id: str) -> bool:
+        """Give a reservation back (aborted or failed request); once."""
+        return await self.store.release(reservation_id)
+
+    # reading ---------------------------------------------------------------------------------
+    async def report(self, subject: Subject, now: float | None = None) -> dict:
+        """Spend, reserved, limit and remaining per metric and window, for the current windows."""
+        now = time.time() if now is None else now
+        limits = await self.limits_for(subject)
+        rows = []
+        keys = []
+        for window in WINDOWS:
+            bucket, start, end = window_bounds(window, now)
+            for metric in METRICS:
+                keys.append(counter_key(subject.scope, subject.id, metric, window, bucket))
+                rows.append((metric, window, start, end))
+        counters = await self.store.read_counters(keys)
+        out = []
+        for (metric, window, start, end), (total, held) in zip(rows, counters):
+            limit = limits.limit(metric, window) if limits is not None else None
+            out.append({
+                "metric": metric, "window": window, "window_start": start, "window_end": end,
+                "spent": total - held, "reserved": held, "limit": limit,
+                "remaining": None if limit is None else max(0, limit - total),
+            })
+        return {"scope": subject.scope, "subject": subject.id,
+                "limits": limits.compact() if limits is not None else {}, "windows": out}
+
+
+def ledger_from_tables(store: Store, tables: BudgetTables, **kwargs) -> BudgetLedger:
+    """A ledger for the configuration's tables."""
+    return BudgetLedger(store, defaults=tables.defaults, configured=tables.configured(), track=tables.track, **kwargs)

@@ -1,0 +1,288 @@
+"""Budgets and rate limits: token, USD and request limits per tenant, workflow and API key.
+
+Over several windows at once (minute, hour, day, month; see :mod:`extproc.budget_ledger`).
+
+* **Admission** (``extproc_request_parsed``): reserve the worst case, ``prompt estimate +
+  max_tokens`` tokens, its price on the expected tier (the pinned one, or the default tier for
+  ``auto``) and one request, on every counter of the request's subjects, in one atomic store
+  operation (a Lua script on Redis). A budget that would go over refuses with a 429, an
+  OpenAI-style error naming it, and ``Retry-After`` (seconds until its window resets). Past
+  ``soft_threshold`` of any limit the request goes on with ``ctx.over_soft_budget = True`` (the
+  routing policy may downgrade it) and ``x-extproc-budget: soft_limit``.
+* **Tier change** (``extproc_before_upstream``): if routing chose a dearer tier than the expected
+  one, the difference is reserved too (or the request refused).
+* **Reconcile** (``extproc_response_complete``): the reservation becomes the real usage
+  (``ctx.usage`` tokens, ``ctx.cost_usd``).
+* **Release** (``extproc_request_finished``, not completed: aborted, failed, or answered by a
+  later policy): the reservation is given back. ``on_abort: charge_delivered`` instead charges an
+  aborted stream its prompt and the completion tokens already delivered (closing the "read the
+  answer, hang up before the end" hole).
+
+Store unreachable at admission: ``on_store_unavailable: reject`` (default) answers 503
+``budget_unavailable`` with ``Retry-After: 1`` (a cost-control gateway does not let unmetered
+traffic through); ``admit`` lets it through flagged (``x-extproc-degraded``). A reconcile or
+release that cannot reach the store is retried in the background (bounded queue) until the
+reservation's TTL; a reservation never settled (a crashed gateway) keeps its worst case charged
+until its window ends: spend is over-counted, never under-counted.
+
+With the in-memory store every worker process has its own counters, so with N workers each limit
+is N times looser: start-up refuses that unless ``per_worker_limits: true``; use Redis
+(``state.redis_url``) to enforce budgets across workers and gateways.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+import uuid
+from typing import Literal
+
+from pydantic import ConfigDict, Field
+
+from extproc import tokens
+from extproc.budget_ledger import (BudgetLedger, BudgetTables, ledger_from_tables, subjects_of, units_to_usd,
+                                   usd_to_units)
+from extproc.decisions import Reply
+from extproc.hookspecs import hookimpl
+from extproc.openai_format import OpenAIError, Usage
+from extproc.state import MemoryStore, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+NAME = "budgets"
+
+
+class _Pending:
+    """Settlements that could not reach the store, retried in the background (bounded)."""
+
+    def __init__(self, maxlen: int = 10_000):
+        self.queue: collections.deque = collections.deque(maxlen=maxlen)
+        self.dropped = 0
+
+    def add(self, item) -> None:
+        if len(self.queue) == self.queue.maxlen:
+            self.dropped += 1
+        self.queue.append(item)
+
+
+class Budgets:
+    """Reserve the worst case at admission, reconcile to real usage, release what was not used."""
+
+    class Settings(BudgetTables):
+        """The limit tables (:class:`~extproc.budget_ledger.BudgetTables`) and how to enforce them."""
+
+        model_config = ConfigDict(extra="forbid")
+
+        soft_threshold: float = Field(0.8, gt=0, le=1)
+        reservation_ttl_seconds: float = Field(900, gt=0, description="longest a request may hold a reservation")
+        on_store_unavailable: Literal["reject", "admit"] = "reject"
+        on_abort: Literal["release", "charge_delivered"] = "release"
+        per_worker_limits: bool = Field(False, description="accept per-worker limits with the memory store")
+        settings_cache_seconds: float = Field(2.0, ge=0, description="admin-set limits are seen within this")
+
+    def __init__(self, settings: "Budgets.Settings"):
+        self.settings = settings
+        self.ledger: BudgetLedger | None = None
+        self.gateway = None
+        self.pending = _Pending()
+        self._retry_task: asyncio.Task | None = None
+
+    # start and stop ------------------------------------------------------------------------
+    @hookimpl
+    async def extproc_startup(self, gateway):
+        s = self.settings
+        workers = gateway.config.server.workers
+        if isinstance(gateway.store, MemoryStore) and workers != 1 and not s.per_worker_limits:
+            raise RuntimeError(
+                "budgets: the in-memory store is per worker process, so with "
+                f"{'one worker per core' if workers == 0 else f'{workers} workers'} every limit would be "
+                "that many times looser. Set state.redis_url (budgets shared by every worker and gateway), "
+                "or server.workers: 1, or budgets settings per_worker_limits: true to accept it.")
+        self.gateway = gateway
+        self.ledger = ledger_from_tables(gateway.store, s, settings_ttl=s.settings_cache_seconds,
+                                         grace=s.reservation_ttl_seconds)
+        self._retry_task = asyncio.get_running_loop().create_task(self._retry_loop())
+
+    @hookimpl
+    async def extproc_shutdown(self, gateway):
+        if self._retry_task is not None:
+            self._retry_task.cancel()
+        await self._retry_pending()  # a last try before the worker exits
+        if self.pending.queue:
+            log.warning("budgets: %d reservation(s) left unsettled at shutdown (their worst case stays charged)",
+                        len(self.pending.queue))
+
+    # admission -----------------------------------------------------------------------------
+    def _expected_tier(self, ctx):
+        tiers = self.gateway.tiers
+        name = tiers.resolve(ctx.request.model) or tiers.default
+        return name, tiers.tiers[name]
+
+    def _worst_case(self, ctx, tier) -> dict[str, int]:
+        req = ctx.request
+        if ctx.prompt_tokens_estimate is None:
+            ctx.prompt_tokens_estimate = (tokens.count_chat(req.messages, tier.tokenizer) if req.messages is not None
+                                          else tokens.count_text(req.prompt or "", tier.tokenizer))
+        prompt = ctx.prompt_tokens_estimate
+        completion = req.max_tokens or tier.default_max_tokens
+        usd = self.gateway.cost_model.upstream_cost(tier, Usage(prompt, completion))
+        return {"requests": 1, "tokens": prompt + completion, "usd": usd_to_units(usd)}
+
+    @hookimpl
+    async def extproc_request_parsed(self, ctx):
+        started = time.perf_counter()
+        try:
+            return await self._admit(ctx)
+        finally:
+            ctx.timings_ms[f"plugin:{NAME}"] = ctx.timings_ms.get(f"plugin:{NAME}", 0.0) + (
+                time.perf_counter() - started) * 1000.0
+
+    async def _admit(self, ctx):
+        subjects = subjects_of(ctx.tenant, ctx.workflow, ctx.api_key_id)
+        tier_name, tier = self._expected_tier(ctx)
+        amounts = self._worst_case(ctx, tier)
+        rid = uuid.uuid4().hex
+        try:
+            admission = await self.ledger.reserve(rid, subjects, amounts, ttl=self.settings.reservation_ttl_seconds)
+        except StoreUnavailable as exc:
+            return self._store_down(ctx, exc)
+        if not admission.ok:
+            return self._refuse(ctx, admission)
+        ctx.plugin_state[NAME] = {"subjects": subjects, "open": [(rid, admission.keys)], "amounts": amounts,
+                                  "tier": tier_name, "delivered": [], "settled": False}
+        soft = admission.max_ratio >= self.settings.soft_threshold
+        ctx.over_soft_budget = ctx.over_soft_budget or soft
+        ctx.budget_status = "soft_limit" if soft else "ok"
+        ctx.response_headers["x-extproc-budget"] = ctx.budget_status
+        if soft:
+            ctx.route_trace.append(f"budgets: over the soft threshold ({admission.max_ratio:.0%} of a limit)")
+        return None
+
+    def _store_down(self, ctx, exc):
+        log.warning("budgets: store unavailable at admission (%s): %s", self.settings.on_store_unavailable, exc)
+        ctx.budget_status = "unavailable"
+        if self.settings.on_store_unavailable == "admit":
+            if NAME not in ctx.degraded:
+                ctx.degraded.append(NAME)
+            return None
+        err = OpenAIError(503, "The gateway cannot check budgets right now; please retry.",
+                          type="server_error", code="budget_unavailable")
+        return Reply(503, err.to_json(), [("content-type", "application/json"), ("retry-after", "1")],
+                     details="extproc_budget_unavailable")
+
+    def _refuse(self, ctx, admission):
+        p = admission.refused
+        name = p.describe()
+        fmt = (lambda v: f"${units_to_usd(v):.6f}") if p.metric == "usd" else str
+        per_minute = p.window == "minute"
+        kind = "Rate limit" if per_minute else "Budget"
+        message = (f"{kind} exceeded: {name} (limit {fmt(p.limit)}, used {fmt(admission.level)}, "
+                   f"requested {fmt(admission.requested)}). Retry after {admission.retry_after} s.")
+        if admission.requested > (p.limit or 0):
+            message += " This request alone is larger than the limit."
+        ctx.budget_status = f"rejected:{name}"
+        err = OpenAIError(429, message, type="rate_limit_error" if per_minute else "insufficient_quota",
+                          code="rate_limit_exceeded" if per_minute else "budget_exceeded")
+        headers = [("content-type", "application/json"), ("retry-after", str(admission.retry_after)),
+                   ("x-extproc-budget", name)]
+        return Reply(429, err.to_json(), headers, details="extproc_budget_exceeded")
+
+    # the tier routing chose ------------------------------------------------------------------
+    @hookimpl
+    async def extproc_before_upstream(self, ctx, upstream):
+        state = ctx.plugin_state.get(NAME)
+        if state is None or ctx.tier == state["tier"] or ctx.tier_config is None:
+            return None
+        started = time.perf_counter()
+        try:
+            reserved = state["amounts"]
+            needed = self._worst_case(ctx, ctx.tier_config)
+            extra = {m: needed[m] - reserved[m] for m in ("tokens", "usd") if needed[m] > reserved[m]}
+            if not extra:
+                return None
+            rid = uuid.uuid4().hex
+            try:
+                admission = await self.ledger.reserve(rid, state["subjects"], extra,
+                                                      ttl=self.settings.reservation_ttl_seconds)
+            except StoreUnavailable as exc:
+                return self._store_down(ctx, exc)
+            if not admission.ok:
+                return self._refuse(ctx, admission)
+            state["open"].append((rid, admission.keys))
+            return None
+        finally:
+            ctx.timings_ms[f"plugin:{NAME}"] = ctx.timings_ms.get(f"plugin:{NAME}", 0.0) + (
+                time.perf_counter() - started) * 1000.0
+
+    # settling --------------------------------------------------------------------------------
+    @hookimpl
+    def extproc_response_chunk(self, ctx, chunk):
+        state = ctx.plugin_state.get(NAME)
+        if state is not None and self.settings.on_abort == "charge_delivered" and chunk.text:
+            state["delivered"].append(chunk.text)
+
+    @hookimpl
+    async def extproc_response_complete(self, ctx):
+        state = ctx.plugin_state.get(NAME)
+        if state is None or state["settled"]:
+            return
+        if ctx.usage is None:  # no usage reported or counted: keep the worst case (never under-count)
+            actual = {}
+        else:
+            actual = {"requests": 1, "tokens": ctx.usage.total_tokens, "usd": usd_to_units(ctx.cost_usd or 0.0)}
+        await self._settle(state, actual)
+
+    @hookimpl
+    async def extproc_request_finished(self, ctx):
+        state = ctx.plugin_state.get(NAME)
+        if state is None or state["settled"]:
+            return
+        actual = None  # release
+        if ctx.outcome == "aborted" and self.settings.on_abort == "charge_delivered" and ctx.response_status:
+            tier = ctx.tier_config
+            completion = tokens.count_text("".join(state["delivered"]), tier.tokenizer) if tier else 0
+            usage = Usage(ctx.prompt_tokens_estimate or 0, completion)
+            usd = self.gateway.cost_model.upstream_cost(tier, usage) if tier else 0.0
+            actual = {"requests": 1, "tokens": usage.total_tokens, "usd": usd_to_units(usd)}
+        await self._settle(state, actual)
+
+    async def _settle(self, state, actual: dict | None) -> None:
+        """Commit the first reservation to ``actual`` (None: release it) and release any top-ups."""
+        state["settled"] = True
+        deadline = time.monotonic() + self.settings.reservation_ttl_seconds
+        for i, (rid, keys) in enumerate(state["open"]):
+            op = ("commit", rid, keys, actual) if (i == 0 and actual is not None) else ("release", rid, None, None)
+            try:
+                await self._apply(op)
+            except StoreUnavailable:
+                self.pending.add((op, deadline))
+
+    async def _apply(self, op) -> None:
+        kind, rid, keys, actual = op
+        if kind == "commit":
+            await self.ledger.commit(rid, keys, actual)
+        else:
+            await self.ledger.release(rid)
+
+    async def _retry_pending(self) -> None:
+        queue = self.pending.queue
+        for _ in range(len(queue)):
+            op, deadline = queue.popleft()
+            if time.monotonic() > deadline:
+                continue  # the reservation expired in the store: nothing left to settle
+            try:
+                await self._apply(op)
+            except StoreUnavailable:
+                queue.appendleft((op, deadline))
+                return
+
+    async def _retry_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            if self.pending.queue:
+                try:
+                    await self._retry_pending()
+                except Exception:  # noqa: BLE001 - keep retrying whatever happened
+                    log.exception("budgets: retrying settlements failed")
