@@ -56,6 +56,7 @@ class Store(Protocol):
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]: ...
     async def put_record(self, key: str, value: bytes) -> None: ...
     async def get_record(self, key: str) -> bytes | None: ...
+    async def get_records(self, keys: Sequence[str]) -> list[bytes | None]: ...
     async def delete_record(self, key: str) -> bool: ...
     async def reserve(self, reservation_id: str, charges: Sequence["Charge"], ttl: float) -> "ReserveResult": ...
     async def commit(self, reservation_id: str, actual: Mapping[str, int]) -> bool: ...
@@ -236,6 +237,9 @@ class MemoryStore:
 
     async def get_record(self, key: str) -> bytes | None:
         return self._records.get(self.prefix + key)
+
+    async def get_records(self, keys: Sequence[str]) -> list[bytes | None]:
+        return [self._records.get(self.prefix + k) for k in keys]
 
     async def delete_record(self, key: str) -> bool:
         return self._records.pop(self.prefix + key, None) is not None
@@ -437,6 +441,9 @@ class RedisStore:
 
     async def get_record(self, key: str) -> bytes | None:
         return await self._do(self._redis.get(self.prefix + key))
+
+    async def get_records(self, keys: Sequence[str]) -> list[bytes | None]:
+        return await self.get_many(keys)
 
     async def delete_record(self, key: str) -> bool:
         return bool(await self._do(self._redis.delete(self.prefix + key)))
