@@ -219,7 +219,7 @@ class BudgetLedger:
             else:
                 missing.append(s)
         if missing:
-            values = await self.store.get_many([settings_key(s.scope, s.id) for s in missing])
+            values = await self.store.get_records([settings_key(s.scope, s.id) for s in missing])
             if len(self._cache) + len(missing) > self.cache_size:
                 self._cache.clear()
             for s, raw in zip(missing, values):

@@ -94,6 +94,7 @@ async def test_records_and_get_many(store):
     assert await store.get_record("k") is None
     await store.put_record("k", b"v")
     assert await store.get_record("k") == b"v"
+    assert await store.get_records(["k", "nope"]) == [b"v", None]
     assert await store.delete_record("k")
     assert not await store.delete_record("k")
     await store.set("a", b"1")

@@ -1,0 +1,285 @@
+"""The budgets policy: atomic admission, reconcile to real usage, release, 429s, soft limit, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+import pytest
+
+from extproc.budget_ledger import BudgetLedger, Limits, Subject, window_bounds
+from extproc.state import MemoryStore, RedisStore, StoreUnavailable
+from extproc.testing import GatewayHarness
+
+from .budget_helpers import config_with
+
+# The fake Triton answer: 5 prompt tokens, one completion token per word.
+ANSWER = "one two three"
+
+
+def budgets(workers: int = 1, **settings):
+    return config_with({"name": "budgets", "settings": settings}, workers=workers)
+
+
+async def report(gw, scope="tenant", subject="anonymous"):
+    ledger = gw.gateway.hooks.pm.get_plugin("budgets").ledger
+    rows = (await ledger.report(Subject(scope, subject)))["windows"]
+    return {(r["metric"], r["window"]): r for r in rows}
+
+
+async def test_reconcile_records_the_real_usage():
+    async with GatewayHarness(config=budgets(tenants={"anonymous": {"tokens_per_day": 10_000}})) as gw:
+        result = await gw.chat("hello there", max_tokens=50, answer=ANSWER)
+        assert result.status == 200
+        rows = await report(gw)
+    usage = result.json()["usage"]
+    assert rows[("tokens", "day")]["spent"] == usage["total_tokens"] == 8
+    assert rows[("tokens", "day")]["reserved"] == 0
+    assert rows[("tokens", "day")]["remaining"] == 10_000 - 8
+    assert rows[("requests", "day")]["spent"] == 1
+    # USD in nano-dollars, from the tier's price (small: 0.0001 / 0.0002 per 1K)
+    assert rows[("usd", "day")]["spent"] == round((5 * 0.0001 + 3 * 0.0002) / 1000 * 1e9)
+    assert result.headers["x-extproc-budget"] == "ok"
+
+
+async def test_over_budget_is_429_naming_the_budget_with_retry_after():
+    async with GatewayHarness(config=budgets(tenants={"anonymous": {"tokens_per_day": 100}})) as gw:
+        refused = await gw.chat("hello", max_tokens=200)
+    assert refused.status == 429 and refused.replied
+    err = refused.json()["error"]
+    assert err["code"] == "budget_exceeded" and err["type"] == "insufficient_quota"
+    assert "tenant 'anonymous': tokens per day" in err["message"] and "limit 100" in err["message"]
+    assert "larger than the limit" in err["message"]
+    _, _, end = window_bounds("day", time.time())
+    assert 0 < int(refused.headers["retry-after"]) <= end - time.time() + 1
+    assert refused.headers["x-extproc-budget"] == "tenant 'anonymous': tokens per day"
+    assert refused.ctx.budget_status.startswith("rejected:")
+
+
+async def test_rate_limit_per_minute_is_rate_limit_exceeded():
+    async with GatewayHarness(config=budgets(defaults={"tenant": {"requests_per_minute": 2}})) as gw:
+        statuses = [(await gw.chat("hi")).status for _ in range(3)]
+        refused = await gw.chat("hi")
+    assert statuses == [200, 200, 429]
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+
+
+async def test_worst_case_is_reserved_while_in_flight():
+    """Two requests that each fit alone, but not together in flight: the second is refused."""
+    async with GatewayHarness(config=budgets(tenants={"anonymous": {"tokens_per_day": 150}})) as gw:
+        life = gw.gateway.new_stream()
+        body = json.dumps({"model": "auto", "max_tokens": 100, "messages": [{"role": "user", "content": "x"}]}).encode()
+        await life.request_headers({":method": "POST", ":path": "/v1/chat/completions"}, False)
+        decision = await life.request_body(body, True)
+        assert not hasattr(decision, "status")  # admitted, now in flight holding ~108 tokens
+        rows = await report(gw)
+        assert rows[("tokens", "day")]["reserved"] > 100
+        second = await gw.chat("x", max_tokens=100)
+        assert second.status == 429
+        await life.stream_closed(True)  # the first one is aborted: its reservation comes back
+        rows = await report(gw)
+        assert rows[("tokens", "day")]["reserved"] == 0 and rows[("tokens", "day")]["spent"] == 0
+        assert (await gw.chat("x", max_tokens=100)).status == 200
+
+
+async def test_aborted_stream_releases_everything():
+    async with GatewayHarness(config=budgets(tenants={"anonymous": {"tokens_per_day": 1000}})) as gw:
+        result = await gw.chat("hi", stream=True, answer=ANSWER, abort_after_chunks=1)
+        assert result.ctx.outcome == "aborted"
+        rows = await report(gw)
+    assert rows[("tokens", "day")]["spent"] == 0 and rows[("tokens", "day")]["reserved"] == 0
+    assert rows[("requests", "day")]["spent"] == 0
+
+
+async def test_aborted_stream_charged_what_was_delivered():
+    cfg = budgets(on_abort="charge_delivered", tenants={"anonymous": {"tokens_per_day": 1000}})
+    async with GatewayHarness(config=cfg) as gw:
+        result = await gw.chat("hi", stream=True, answer=ANSWER, abort_after_chunks=2)
+        rows = await report(gw)
+    delivered = 2  # "one", " two"
+    assert rows[("tokens", "day")]["spent"] == result.ctx.prompt_tokens_estimate + delivered
+    assert rows[("tokens", "day")]["reserved"] == 0
+
+
+async def test_upstream_failure_releases():
+    async with GatewayHarness(config=budgets(tenants={"anonymous": {"tokens_per_day": 1000}})) as gw:
+        result = await gw.chat("hi", upstream_status=500, upstream_chunks=[b'{"error": "boom"}'])
+        assert result.ctx.outcome == "failed"
+        rows = await report(gw)
+    assert rows[("tokens", "day")]["spent"] == 0 and rows[("tokens", "day")]["reserved"] == 0
+
+
+async def test_soft_threshold_marks_the_request():
+    cfg = budgets(soft_threshold=0.5, tenants={"anonymous": {"tokens_per_day": 100}})
+    async with GatewayHarness(config=cfg) as gw:
+        first = await gw.chat("hi", max_tokens=10, answer=ANSWER)
+        assert not first.ctx.over_soft_budget and first.headers["x-extproc-budget"] == "ok"
+        second = await gw.chat("hi", max_tokens=60, answer=ANSWER)
+    assert second.status == 200 and second.ctx.over_soft_budget
+    assert second.headers["x-extproc-budget"] == "soft_limit" and second.ctx.budget_status == "soft_limit"
+
+
+async def test_scopes_tenant_workflow_and_key_all_apply():
+    ledger = BudgetLedger(MemoryStore(), configured={("workflow", "acme/bulk"): Limits(requests_per_day=1)},
+                          defaults={"api_key": Limits(requests_per_day=5)})
+    subjects = [Subject("tenant", "acme"), Subject("workflow", "acme/bulk"), Subject("api_key", "k1")]
+    assert (await ledger.reserve("r1", subjects, {"requests": 1}, ttl=60)).ok
+    second = await ledger.reserve("r2", subjects, {"requests": 1}, ttl=60)
+    assert not second.ok and second.refused.describe() == "workflow 'acme/bulk': requests per day"
+    other = [Subject("tenant", "acme"), Subject("workflow", "acme/chat"), Subject("api_key", "k1")]
+    assert (await ledger.reserve("r3", other, {"requests": 1}, ttl=60)).ok
+
+
+async def test_admin_override_wins_over_configuration():
+    store = MemoryStore()
+    ledger = BudgetLedger(store, configured={("tenant", "acme"): Limits(tokens_per_day=10)}, settings_ttl=0)
+    s = Subject("tenant", "acme")
+    assert not (await ledger.reserve("r1", [s], {"tokens": 20}, ttl=60)).ok
+    await ledger.set_limits(s, Limits(tokens_per_day=100))
+    assert (await ledger.reserve("r2", [s], {"tokens": 20}, ttl=60)).ok
+    await ledger.set_limits(s, None)
+    assert (await ledger.limits_for(s)).tokens_per_day == 10
+
+
+def test_windows_are_utc_calendar_aligned():
+    t = 1_709_251_199.5  # 2024-02-29 23:59:59.5 UTC
+    assert window_bounds("minute", t)[2] == 1_709_251_200
+    assert window_bounds("day", t)[2] == 1_709_251_200
+    bucket, start, end = window_bounds("month", t)
+    assert bucket == "202402" and start == 1_706_745_600 and end == 1_709_251_200
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_200_concurrent_admissions_against_50(backend, request):
+    """No check-then-increment race: 200 concurrent requests, a budget that admits 50."""
+    cfg = budgets(tenants={"anonymous": {"requests_per_day": 50}})
+    if backend == "redis":
+        url = request.getfixturevalue("redis_url")
+        cfg = cfg.model_copy(update={"state": cfg.state.model_copy(
+            update={"redis_url": url, "key_prefix": f"u{uuid.uuid4().hex[:8]}:"})})
+    async with GatewayHarness(config=cfg) as gw:
+        results = await asyncio.gather(*[gw.chat("hi", answer="a") for _ in range(200)])
+        rows = await report(gw)
+    statuses = [r.status for r in results]
+    assert statuses.count(200) == 50 and statuses.count(429) == 150
+    assert rows[("requests", "day")]["spent"] == 50 and rows[("requests", "day")]["reserved"] == 0
+
+
+class FlakyStore(MemoryStore):
+    """A memory store that can be switched off, like a Redis that went away."""
+
+    down = False
+
+    async def reserve(self, *args, **kwargs):
+        if self.down:
+            raise StoreUnavailable("down")
+        return await super().reserve(*args, **kwargs)
+
+    async def commit(self, *args, **kwargs):
+        if self.down:
+            raise StoreUnavailable("down")
+        return await super().commit(*args, **kwargs)
+
+    async def release(self, *args, **kwargs):
+        if self.down:
+            raise StoreUnavailable("down")
+        return await super().release(*args, **kwargs)
+
+
+def _flaky(gw) -> FlakyStore:
+    store = FlakyStore()
+    plugin = gw.gateway.hooks.pm.get_plugin("budgets")
+    plugin.ledger.store = store
+    return store
+
+
+async def test_store_down_at_admission_rejects_by_default():
+    async with GatewayHarness(config=budgets(tenants={"anonymous": {"tokens_per_day": 1000}})) as gw:
+        _flaky(gw).down = True
+        result = await gw.chat("hi")
+    assert result.status == 503 and result.headers["retry-after"] == "1"
+    assert result.json()["error"]["code"] == "budget_unavailable"
+
+
+async def test_store_down_at_admission_may_admit_flagged():
+    cfg = budgets(on_store_unavailable="admit", tenants={"anonymous": {"tokens_per_day": 1000}})
+    async with GatewayHarness(config=cfg) as gw:
+        _flaky(gw).down = True
+        result = await gw.chat("hi")
+    assert result.status == 200 and result.headers["x-extproc-degraded"] == "budgets"
+    assert result.ctx.budget_status == "unavailable"
+
+
+async def test_settlement_retried_when_the_store_comes_back():
+    async with GatewayHarness(config=budgets(tenants={"anonymous": {"tokens_per_day": 1000}})) as gw:
+        store = _flaky(gw)
+        ledger = gw.gateway.hooks.pm.get_plugin("budgets").ledger
+
+        async def tokens_day():
+            rows = (await ledger.report(Subject("tenant", "anonymous")))["windows"]
+            return next(r for r in rows if (r["metric"], r["window"]) == ("tokens", "day"))
+
+        # admitted while up, completes while down
+        plugin = gw.gateway.hooks.pm.get_plugin("budgets")
+        original = plugin._settle
+
+        async def down_then_settle(state, actual):
+            store.down = True
+            await original(state, actual)
+
+        plugin._settle = down_then_settle
+        life_result = await gw.chat("hi", answer=ANSWER)
+        assert life_result.status == 200 and len(plugin.pending.queue) == 1
+        row = await tokens_day()
+        assert row["reserved"] > 0  # not settled yet: the worst case is held
+        store.down = False
+        await asyncio.sleep(0.8)  # the background retry runs every 0.5 s
+        row = await tokens_day()
+    assert not plugin.pending.queue
+    assert row["metric"] == "tokens" and row["reserved"] == 0 and row["spent"] == 8
+
+
+async def test_plugin_raising_follows_on_error():
+    class Boom(Exception):
+        pass
+
+    async def explode(*args, **kwargs):
+        raise Boom("ledger bug")
+
+    for on_error, status in (("fail_closed", 500), ("fail_open", 200)):
+        cfg = config_with({"name": "budgets", "on_error": on_error,
+                           "settings": {"tenants": {"anonymous": {"tokens_per_day": 10}}}})
+        async with GatewayHarness(config=cfg) as gw:
+            gw.gateway.hooks.pm.get_plugin("budgets").ledger.reserve = explode
+            result = await gw.chat("hi")
+        assert result.status == status
+        if on_error == "fail_closed":
+            assert result.json()["error"]["code"] == "plugin_error"
+        else:
+            assert result.headers["x-extproc-degraded"] == "budgets"
+
+
+async def test_memory_store_with_several_workers_refuses_to_start():
+    with pytest.raises(Exception, match="per worker process"):
+        async with GatewayHarness(config=budgets(workers=2)):
+            pass
+    async with GatewayHarness(config=budgets(workers=2, per_worker_limits=True)) as gw:
+        assert (await gw.chat("hi")).status == 200
+
+
+async def test_dearer_tier_chosen_by_routing_reserves_the_difference():
+    from extproc import hookimpl
+
+    class Upgrade:
+        @hookimpl
+        def extproc_choose_tier(self, ctx, candidates):
+            return "large"
+
+    cfg = budgets(tenants={"anonymous": {"usd_per_day": 0.0001}})
+    async with GatewayHarness(Upgrade, config=cfg) as gw:
+        # small's worst case fits 0.0001 USD; large's (0.006 per 1K completion) does not.
+        result = await gw.chat("hi", max_tokens=64)
+    assert result.status == 429 and "usd per day" in result.json()["error"]["message"]
