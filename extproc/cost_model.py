@@ -94,8 +94,8 @@ class GpuHourMeter:
     def cost(self, model: str, tokens: int, price: "Price") -> float:
         """The request's GPU cost in USD; starts a background reading when the last one is stale."""
         mean = self.tokens_per_request.get(model)
-        mean = float(tokens) if mean is None else mean + self.smoothing * (tokens - mean)
-        self.tokens_per_request[model] = mean
+        mean = float(tokens) if mean is None else mean
+        self.tokens_per_request[model] = mean + self.smoothing * (tokens - mean)  # for the next requests
         now = time.monotonic()
         if now >= self._next_refresh and (self._task is None or self._task.done()):
             self._next_refresh = now + self.interval
