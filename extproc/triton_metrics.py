@@ -20,6 +20,12 @@ Metrics read (Triton's names; summed over model versions):
 * ``nv_gpu_memory_used_bytes`` / ``nv_gpu_memory_total_bytes`` (per ``gpu_uuid``) when Triton runs
   with GPUs: :attr:`TritonMetricsClient.gpu_memory_used` / ``gpu_memory_total``.
 
+Other per-model gauges can be read too, by *selector* (``name`` or ``name{label="value",...}``,
+summed over the samples whose labels match): ``TritonMetricsClient(url, extra=(selector, ...))``
+fills :attr:`ModelLoad.extra` ``{selector: value}``. Queue depth of decoupled LLM backends lives
+there, not in ``pending`` (which counts only requests not yet handed to the backend): TensorRT-LLM's
+in-flight batcher reports ``nv_trt_llm_request_metrics{request_type="waiting"}``.
+
 Counters are cumulative since Triton started; :meth:`ModelLoad.since` turns two snapshots into
 the activity between them.  Transport: one HTTP/1.1 GET over ``asyncio.open_connection`` (no
 dependency beyond ``prometheus_client``'s parser).
@@ -29,13 +35,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, replace
-from typing import Any
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping, Sequence
 from urllib.parse import urlsplit
 
 from prometheus_client.parser import text_string_to_metric_families
 
-__all__ = ["ModelLoad", "TritonMetricsClient", "TritonMetricsError", "parse_metrics", "fetch_text"]
+__all__ = ["ModelLoad", "TritonMetricsClient", "TritonMetricsError", "parse_metrics", "parse_selector", "fetch_text"]
 
 
 class TritonMetricsError(RuntimeError):
@@ -52,6 +59,8 @@ class ModelLoad:
     failure: int = 0
     request_us_total: float = 0.0
     compute_infer_us_total: float = 0.0
+    extra: Mapping[str, float] = field(default_factory=dict, compare=False, hash=False)
+    """Values of the extra selectors asked for (``{selector: summed value}``); see the module doc."""
 
     @property
     def avg_batch(self) -> float:
@@ -98,8 +107,37 @@ _INT_FIELDS = {"pending", "inference_count", "exec_count", "success", "failure"}
 _GPU_FIELDS = {"nv_gpu_memory_used_bytes": "used", "nv_gpu_memory_total_bytes": "total"}
 
 
-def parse_metrics(text: str) -> tuple[dict[str, ModelLoad], dict[str, dict[str, float]]]:
-    """Parse Prometheus text: ``({model: ModelLoad}, {"used"|"total": {gpu_uuid: bytes}})``."""
+_SELECTOR = re.compile(r'^\s*([A-Za-z_:][A-Za-z0-9_:]*)\s*(?:\{(.*)\})?\s*$')
+_SELECTOR_LABEL = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,"]*?))\s*(?:,|$)')
+
+
+def parse_selector(selector: str) -> tuple[str, dict[str, str]]:
+    """``'name{a="x",b=y}'`` -> ``("name", {"a": "x", "b": "y"})``; raises ValueError if malformed."""
+    m = _SELECTOR.match(selector)
+    if not m:
+        raise ValueError(f"bad metric selector {selector!r} (expected name or name{{label=\"value\"}})")
+    name, body = m.group(1), (m.group(2) or "").strip()
+    labels: dict[str, str] = {}
+    pos = 0
+    while pos < len(body):
+        lm = _SELECTOR_LABEL.match(body, pos)
+        if not lm or lm.end() == pos:
+            raise ValueError(f"bad labels in metric selector {selector!r}")
+        labels[lm.group(1)] = lm.group(2) if lm.group(2) is not None else lm.group(3).strip()
+        pos = lm.end()
+    return name, labels
+
+
+def parse_metrics(text: str, extra: Sequence[str] = ()) -> tuple[dict[str, ModelLoad], dict[str, dict[str, float]]]:
+    """Parse Prometheus text: ``({model: ModelLoad}, {"used"|"total": {gpu_uuid: bytes}})``.
+
+    :param extra: selectors of other per-model gauges to sum into :attr:`ModelLoad.extra`.
+    """
+    wanted: dict[str, list[tuple[str, dict[str, str]]]] = {}
+    for selector in extra:
+        name, labels = parse_selector(selector)
+        wanted.setdefault(name, []).append((selector, labels))
+    extra_acc: dict[str, dict[str, float]] = {}
     acc: dict[str, dict[str, float]] = {}
     gpu: dict[str, dict[str, float]] = {"used": {}, "total": {}}
     try:
@@ -111,6 +149,11 @@ def parse_metrics(text: str) -> tuple[dict[str, ModelLoad], dict[str, dict[str, 
             name = sample.name
             if name.endswith("_total") and name not in _MODEL_FIELDS and name[: -len("_total")] in _MODEL_FIELDS:
                 name = name[: -len("_total")]  # a parser/exposition that adds the counter suffix
+            for selector, labels in wanted.get(name, ()):
+                model = sample.labels.get("model")
+                if model is not None and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    row = extra_acc.setdefault(model, {})
+                    row[selector] = row.get(selector, 0.0) + float(sample.value)
             field = _MODEL_FIELDS.get(name)
             if field is not None:
                 model = sample.labels.get("model")
@@ -124,12 +167,14 @@ def parse_metrics(text: str) -> tuple[dict[str, ModelLoad], dict[str, dict[str, 
                 key = sample.labels.get("gpu_uuid") or sample.labels.get("gpu") or str(len(gpu[gfield]))
                 gpu[gfield][key] = float(sample.value)
     loads = {}
-    for model, row in acc.items():
+    for model in {**acc, **extra_acc}:
+        row = acc.get(model, {})
         kwargs: dict[str, Any] = {}
         for field in _MODEL_FIELDS.values():
             v = row.get(field, 0.0)
             kwargs[field] = int(round(v)) if field in _INT_FIELDS else float(v)
-        loads[model] = ModelLoad(**kwargs)
+        values = extra_acc.get(model, {})
+        loads[model] = ModelLoad(**kwargs, extra={s: values.get(s, 0.0) for s in extra})
     return loads, gpu
 
 
@@ -211,8 +256,11 @@ async def fetch_text(url: str, timeout: float = 1.0) -> str:
 class TritonMetricsClient:
     """Cached, shared scrapes of one Triton metrics endpoint."""
 
-    def __init__(self, url: str, *, timeout: float = 1.0, max_age: float = 1.0) -> None:
+    def __init__(self, url: str, *, timeout: float = 1.0, max_age: float = 1.0, extra: Sequence[str] = ()) -> None:
         self.url = url
+        self.extra = tuple(extra)
+        for selector in self.extra:
+            parse_selector(selector)  # fail at construction, not on every scrape
         self.timeout = float(timeout)
         self.max_age = float(max_age)
         self.gpu_memory_used: dict[str, float] = {}
@@ -246,7 +294,7 @@ class TritonMetricsClient:
         self.scrapes += 1
         try:
             text = await fetch_text(self.url, self.timeout)
-            loads, gpu = parse_metrics(text)
+            loads, gpu = parse_metrics(text, self.extra)
         except TritonMetricsError as exc:
             self._value, self._error, self._at = None, exc, time.monotonic()
             raise
