@@ -188,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--charts", metavar="DIR", help="write cost_over_time.png, tier_mix.png, cache_hit_rate.png")
     report.set_defaults(func=cmd_report)
 
+    from .admin.cli import add_admin_parser
+
+    add_admin_parser(sub)  # extproc admin ...: keys, budgets, spend over the admin API
+
     triton = sub.add_parser("triton", help="Triton model repository tools")
     tsub = triton.add_subparsers(dest="triton_command", required=True)
     fill = tsub.add_parser("fill", help=cmd_triton_fill.__doc__, add_help=False)
