@@ -190,7 +190,15 @@ def write_charts(records: list[dict], directory: str | Path) -> list[Path]:
     width = series["bucket_seconds"] / 86400 * 0.9 if when else 0.01
     paths = []
 
+    import matplotlib.dates as mdates
+
+    span = (series["starts"][-1] - series["starts"][0]) if when else 0
+    time_format = mdates.DateFormatter("%H:%M:%S" if span < 86400 else "%m-%d %H:%M")
+
     def save(fig, name):
+        for ax in fig.axes:
+            ax.xaxis.set_major_formatter(time_format)
+            ax.set_xlabel("UTC")
         fig.autofmt_xdate()
         fig.tight_layout()
         path = out / name
