@@ -32,15 +32,17 @@ class Metrics:
         workflows: list[str] = Field(default_factory=list, description="workflows labelled by name; others: other")
         dynamic_labels: int = Field(0, ge=0, le=1000, description="also label the first N other tenants and "
                                     "workflows each worker sees")
-        max_reasons: int = Field(50, ge=1, le=1000, description="distinct routing reasons / timing names "
-                                 "labelled per worker; the rest: other")
+        max_reasons: int = Field(50, ge=1, le=1000, description="distinct routing reasons labelled per "
+                                 "worker; the rest: other")
+        max_names: int = Field(100, ge=1, le=1000, description="distinct cache layers/results/statuses, "
+                               "budget names and route-step plugins labelled per worker; the rest: other")
 
     def __init__(self, settings: "Metrics.Settings | None" = None):
         settings = settings or self.Settings()
         self.tenant = BoundedLabel(["anonymous", *settings.tenants], settings.dynamic_labels)
         self.workflow = BoundedLabel(settings.workflows, settings.dynamic_labels)
         self.reason = BoundedLabel((), settings.max_reasons)
-        self.name = BoundedLabel((), settings.max_reasons)  # cache layers, plugins, phases, budgets
+        self.name = BoundedLabel((), settings.max_names)  # cache layers/results, budgets, route steps
         self.m = get_metrics()
         self.cost_model = None
         self.hooks = None
@@ -97,14 +99,14 @@ class Metrics:
         for step in ctx.route_trace:
             child(m.route_steps, (self.name(step.partition(":")[0].strip()),)).inc()
         for plugin in ctx.degraded:
-            child(m.degraded, (self.name(plugin),)).inc()
+            child(m.degraded, (plugin,)).inc()  # configured plugins
 
         child(m.request_duration, (tier, ctx.outcome)).observe(ctx.elapsed_ms / 1000.0)
         for key, ms in ctx.timings_ms.items():
             if key.startswith(PHASE_PREFIX):
-                child(m.phase_duration, (self.name(key[len(PHASE_PREFIX):]),)).observe(ms / 1000.0)
+                child(m.phase_duration, (key[len(PHASE_PREFIX):],)).observe(ms / 1000.0)  # fixed set
             elif key.startswith(PLUGIN_PREFIX):
-                child(m.plugin_duration, (self.name(key[len(PLUGIN_PREFIX):]),)).observe(ms / 1000.0)
+                child(m.plugin_duration, (key[len(PLUGIN_PREFIX):],)).observe(ms / 1000.0)  # configured
             elif key == "ttft":
                 child(m.ttft, (tier, "true" if ctx.stream else "false")).observe(ms / 1000.0)
             elif key == "upstream":
@@ -123,5 +125,5 @@ class Metrics:
         for (plugin, hook), count in list(self.hooks.failures.items()):
             delta = count - self._failures_seen[(plugin, hook)]
             if delta > 0:
-                self.m.child(self.m.plugin_failures, (self.name(plugin), hook)).inc(delta)
+                self.m.child(self.m.plugin_failures, (plugin, hook)).inc(delta)  # configured plugins
                 self._failures_seen[(plugin, hook)] = count
