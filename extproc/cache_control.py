@@ -22,9 +22,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from .openai_format import OpenAIError
 
-__all__ = ["CacheDirectives", "parse_cache_headers", "TTL_HEADER"]
+__all__ = ["CacheDirectives", "parse_cache_headers", "TTL_HEADER", "CacheTTL"]
 
 TTL_HEADER = "x-cache-ttl"
 
@@ -79,3 +81,33 @@ def parse_cache_headers(headers: dict[str, str]) -> CacheDirectives:
     if ttl_header is not None:
         ttl = _seconds(ttl_header, f"{TTL_HEADER} header", "invalid_cache_ttl")
     return CacheDirectives(no_cache, no_store, max_age, ttl)
+
+
+class CacheTTL(BaseModel):
+    """How long answers are kept (a settings block of the caching policies).
+
+    The most specific configured value wins: tenant, then workflow, then route (request path),
+    then ``default_seconds``; 0 means "do not store". A client's ``X-Cache-TTL`` replaces it,
+    clamped to ``max_seconds``, but cannot switch storing back on where the policy says 0.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    default_seconds: float = Field(3600.0, ge=0)
+    max_seconds: float = Field(86400.0, ge=0, description="ceiling for the client's X-Cache-TTL")
+    by_route: dict[str, float] = Field(default_factory=dict, description="request path -> seconds")
+    by_workflow: dict[str, float] = Field(default_factory=dict)
+    by_tenant: dict[str, float] = Field(default_factory=dict)
+
+    def resolve(self, *, path: str, workflow: str | None, tenant: str, directives: CacheDirectives) -> float:
+        """The TTL for one answer (0: do not store it)."""
+        if directives.no_store:
+            return 0.0
+        ttl = self.by_tenant.get(tenant)
+        if ttl is None and workflow is not None:
+            ttl = self.by_workflow.get(workflow)
+        if ttl is None:
+            ttl = self.by_route.get(path, self.default_seconds)
+        if ttl > 0 and directives.ttl is not None:
+            ttl = min(directives.ttl, self.max_seconds)
+        return ttl

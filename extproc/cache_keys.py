@@ -23,8 +23,9 @@ import hashlib
 import json
 import re
 import unicodedata
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
     from .openai_format import ChatMessage, OpenAIRequest
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Normalization",
     "normalize_text",
+    "deterministic",
     "canonical_request",
     "fingerprint",
     "exact_key_parts",
@@ -57,16 +59,28 @@ _TYPED_FIELDS = frozenset({
 _WS = re.compile(r"\s+")
 
 
-@dataclass(frozen=True, slots=True)
-class Normalization:
-    """How prompt text is normalised before hashing or embedding."""
+class Normalization(BaseModel):
+    """How prompt text is normalised before hashing or embedding (also a settings block)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     unicode_form: Literal["NFC", "NFKC"] = "NFC"
-    collapse_whitespace: bool = True  # runs of whitespace -> one space, ends stripped
-    lowercase: bool = False  # off by default: case can change the answer ("US" vs "us")
+    collapse_whitespace: bool = Field(True, description="runs of whitespace -> one space, ends stripped")
+    lowercase: bool = Field(False, description="off by default: case can change the answer ('US' vs 'us')")
 
 
-def normalize_text(text: str, norm: Normalization = Normalization()) -> str:
+_DEFAULT_NORM = Normalization()
+
+
+def deterministic(req: "OpenAIRequest", *, max_temperature: float = 0.0, default_temperature: float = 1.0) -> bool:
+    """Whether the answer to ``req`` may be reused for another request: its temperature (or
+    ``default_temperature`` when it sent none: OpenAI's default is 1) is at most ``max_temperature``,
+    and it asks for one answer."""
+    temperature = req.temperature if req.temperature is not None else default_temperature
+    return temperature <= max_temperature and req.n == 1
+
+
+def normalize_text(text: str, norm: Normalization = _DEFAULT_NORM) -> str:
     """``text`` in the normal form ``norm`` asks for."""
     if not text.isascii():
         text = unicodedata.normalize(norm.unicode_form, text)
@@ -129,7 +143,7 @@ def _params(req: "OpenAIRequest", default_max_tokens: int | None) -> dict:
     return {k: v for k, v in p.items() if v is not None}
 
 
-def canonical_request(req: "OpenAIRequest", norm: Normalization = Normalization(), *,
+def canonical_request(req: "OpenAIRequest", norm: Normalization = _DEFAULT_NORM, *,
                       default_max_tokens: int | None = None) -> dict:
     """The request as a canonical dict: everything that changes the answer, in normal form."""
     d = _params(req, default_max_tokens)
@@ -150,7 +164,7 @@ def fingerprint(parts: Any) -> str:
 
 
 def exact_key_parts(req: "OpenAIRequest", *, tenant: str, tier: str | None, model: str | None,
-                    norm: Normalization = Normalization(), default_max_tokens: int | None = None) -> dict:
+                    norm: Normalization = _DEFAULT_NORM, default_max_tokens: int | None = None) -> dict:
     """What the exact cache (and coalescing) fingerprint: scope + the canonical request."""
     return {"v": KEY_VERSION, "tenant": tenant, "tier": tier, "model": model,
             "request": canonical_request(req, norm, default_max_tokens=default_max_tokens)}
@@ -158,7 +172,7 @@ def exact_key_parts(req: "OpenAIRequest", *, tenant: str, tier: str | None, mode
 
 def semantic_parts(req: "OpenAIRequest", *, tenant: str, tier: str | None, model: str | None,
                    mode: Literal["last_user", "conversation"] = "last_user",
-                   norm: Normalization = Normalization(), default_max_tokens: int | None = None,
+                   norm: Normalization = _DEFAULT_NORM, default_max_tokens: int | None = None,
                    ) -> tuple[dict, str] | None:
     """``(scope, text)`` for the semantic cache, or None when the request has no text to match.
 

@@ -55,6 +55,7 @@ class CachedAnswer:
     stored_at: float = 0.0  # unix time it was stored
     query: str | None = None  # the text a semantic entry was matched by (for the guard)
     body_hash: str | None = None  # idempotency: the digest of the original request body
+    tier: str | None = None  # the tier that produced it
 
     def to_bytes(self) -> bytes:
         d = asdict(self)
@@ -268,7 +269,8 @@ def note_bypass(ctx: "RequestContext") -> None:
 
 
 def serve(ctx: "RequestContext", answer: CachedAnswer, *, status: str, layer: str,
-          similarity: float | None = None, replay: bool = False, prompt_tokens: int | None = None) -> Reply:
+          similarity: float | None = None, replay: bool = False, prompt_tokens: int | None = None,
+          tier_config=None) -> Reply:
     """Answer ``ctx`` with ``answer`` and record what was saved.
 
     :param status: ``hit``, ``semantic_hit``, ``coalesced`` or ``idempotent`` (``ctx.cache_status``
@@ -277,6 +279,8 @@ def serve(ctx: "RequestContext", answer: CachedAnswer, *, status: str, layer: st
         same response); otherwise the reply is a new response with a fresh id.
     :param prompt_tokens: this request's prompt tokens when they differ from the stored answer's
         (a semantic hit); reported in ``usage`` and counted as saved.
+    :param tier_config: the tier whose price the savings are counted at, when ``ctx`` has none yet
+        (an answer served before the tier is chosen).
     """
     req = ctx.request
     body, content_type = render(
@@ -288,7 +292,7 @@ def serve(ctx: "RequestContext", answer: CachedAnswer, *, status: str, layer: st
     note_lookup(ctx, layer, "hit")
     saved_prompt = answer.prompt_tokens if prompt_tokens is None else prompt_tokens
     ctx.tokens_saved += saved_prompt + answer.completion_tokens
-    tier = ctx.tier_config
+    tier = ctx.tier_config or tier_config
     if tier is not None:
         ctx.cost_saved_usd += (saved_prompt * tier.price.prompt_per_1k
                                + answer.completion_tokens * tier.price.completion_per_1k) / 1000.0

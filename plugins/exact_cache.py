@@ -1,0 +1,149 @@
+"""Exact cache: an identical request (after normalisation) is answered with the stored answer.
+
+Looked up in ``extproc_before_upstream``, once the tier is chosen: the key holds the tenant, the
+tier and its upstream model, and the canonical request (see :mod:`extproc.cache_keys` for what is
+and is not part of it). A hit is answered from the request phase (Envoy's ImmediateResponse): JSON,
+or SSE for ``stream: true``, whichever way the stored answer was produced.
+
+What is stored: complete answers of *deterministic* requests (temperature at most
+``max_temperature``, 0 by default; a request without a temperature counts as
+``default_temperature``), with a finish reason in ``store_finish_reasons``. ``length`` is stored by
+default: ``max_tokens`` is part of the key, so only a request with the same limit gets the same
+cut. Never stored: errors, streams the client left (aborted), answers without a finish reason,
+tool calls, several choices, answers over ``max_answer_bytes``.
+
+Where: the gateway's Redis when ``state.redis_url`` is set (shared by every worker and gateway);
+otherwise a per-worker memory store of its own, bounded by ``memory_max_bytes`` (LRU), so cache
+pressure never evicts other policies' state.
+
+Redis unavailable: no cache (lookups and stores are skipped for ``store_retry_seconds`` after a
+failure), never a failed request.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from extproc.breaker import Breaker
+from extproc.cache_control import CacheTTL, parse_cache_headers
+from extproc.cache_keys import Normalization, deterministic, exact_key_parts, fingerprint
+from extproc.cached_answer import AnswerCapture, CachedAnswer, note_bypass, note_lookup, note_miss, serve
+from extproc.hookspecs import hookimpl
+from extproc.state import MemoryStore, StoreUnavailable
+
+NAME = "exact_cache"
+LAYER = "exact"
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A miss whose answer is to be stored."""
+
+    key: str
+    ttl: float
+    capture: AnswerCapture
+
+
+class ExactCache:
+    """Answer repeated identical requests from the cache."""
+
+    class Settings(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        ttl: CacheTTL = Field(default_factory=CacheTTL)
+        max_temperature: float = Field(0.0, ge=0, le=2, description="requests above are neither served nor stored")
+        default_temperature: float = Field(1.0, ge=0, le=2, description="a request without one counts as this")
+        store_finish_reasons: list[str] = Field(default_factory=lambda: ["stop", "length"])
+        normalization: Normalization = Field(default_factory=Normalization)
+        max_answer_bytes: int = Field(256 * 1024, gt=0)
+        memory_max_bytes: int = Field(64 * 1024 * 1024, gt=0, description="bound of the per-worker memory store")
+        store_retry_seconds: float = Field(1.0, gt=0, description="after a store failure, skip it this long")
+
+    def __init__(self, settings: "ExactCache.Settings"):
+        self.settings = settings
+        self.store = None
+        self.breaker = Breaker(NAME, settings.store_retry_seconds)
+
+    @hookimpl
+    def extproc_startup(self, gateway):
+        store = gateway.store
+        self.store = MemoryStore(max_bytes=self.settings.memory_max_bytes) if isinstance(store, MemoryStore) else store
+
+    def key(self, ctx) -> str:
+        tier = ctx.tier_config
+        default_max = tier.default_max_tokens if tier is not None and tier.kind == "triton" else None
+        parts = exact_key_parts(ctx.request, tenant=ctx.tenant, tier=ctx.tier, model=tier.model if tier else None,
+                                norm=self.settings.normalization, default_max_tokens=default_max)
+        return "xc:" + fingerprint(parts)
+
+    @hookimpl
+    async def extproc_before_upstream(self, ctx, upstream):
+        s = self.settings
+        if not deterministic(ctx.request, max_temperature=s.max_temperature, default_temperature=s.default_temperature):
+            note_lookup(ctx, LAYER, "skip")
+            return None
+        directives = parse_cache_headers(ctx.headers)
+        started = time.perf_counter()
+        key = self.key(ctx)
+        if directives.no_cache:
+            note_lookup(ctx, LAYER, "bypass")
+            note_bypass(ctx)
+        elif self.breaker.open:
+            note_lookup(ctx, LAYER, "unavailable")
+        else:
+            answer, failed = await self._get(key)
+            if failed:
+                note_lookup(ctx, LAYER, "error")
+            elif answer is None:
+                note_lookup(ctx, LAYER, "miss")
+            elif directives.max_age is None or answer.age() <= directives.max_age:
+                ctx.timings_ms[NAME] = (time.perf_counter() - started) * 1000.0
+                return serve(ctx, answer, status="hit", layer=LAYER)
+            else:
+                note_lookup(ctx, LAYER, "stale")
+            note_miss(ctx)
+        ttl = s.ttl.resolve(path=ctx.path, workflow=ctx.workflow, tenant=ctx.tenant, directives=directives)
+        if ttl > 0:
+            ctx.plugin_state[NAME] = _Pending(key, ttl, AnswerCapture(ctx.endpoint, ctx.stream, s.max_answer_bytes))
+        ctx.timings_ms[NAME] = (time.perf_counter() - started) * 1000.0
+        return None
+
+    async def _get(self, key: str) -> tuple[CachedAnswer | None, bool]:
+        """The stored answer (or None) and whether the store failed."""
+        try:
+            data = await self.store.get(key)
+            self.breaker.ok()
+        except StoreUnavailable as exc:
+            self.breaker.failed(exc)
+            return None, True
+        if data is None:
+            return None, False
+        try:
+            return CachedAnswer.from_bytes(data), False
+        except ValueError:
+            return None, False  # corrupt or another version: a miss; the fresh answer overwrites it
+
+    @hookimpl
+    def extproc_response_chunk(self, ctx, chunk):
+        pending = ctx.plugin_state.get(NAME)
+        if pending is not None:
+            pending.capture.feed(chunk.data)
+
+    @hookimpl
+    async def extproc_response_complete(self, ctx):
+        pending = ctx.plugin_state.pop(NAME, None)
+        if pending is None or ctx.response_status != 200 or self.breaker.open:
+            return
+        answer = pending.capture.result(ctx.usage)
+        if answer is None or answer.finish_reason not in self.settings.store_finish_reasons:
+            return
+        answer.stored_at = time.time()
+        answer.tier = ctx.tier
+        try:
+            await self.store.set(pending.key, answer.to_bytes(), ttl=pending.ttl)
+            self.breaker.ok()
+        except StoreUnavailable as exc:
+            self.breaker.failed(exc)
