@@ -6,6 +6,7 @@ first, and it only resolves what they left open.
 
 from __future__ import annotations
 
+from extproc import routing
 from extproc.context import TierChoice
 from extproc.hookspecs import hookimpl
 from extproc.openai_format import OpenAIError
@@ -27,15 +28,20 @@ class ModelTiers:
         pinned = self.tiers.resolve(model)
         if pinned is not None:
             if pinned not in candidates:
+                routing.trace(ctx, "model_tiers", f"pinned {pinned} is not allowed: 403")
                 raise OpenAIError(
                     403, f"The model {model!r} is not allowed for this request.",
                     type="invalid_request_error", param="model", code="model_not_allowed",
                 )
+            routing.trace(ctx, "model_tiers", f"pinned {pinned}")
             return TierChoice(pinned, "pinned")
         if model == self.tiers.auto_model:
             if self.tiers.default in candidates:
+                routing.trace(ctx, "model_tiers", f"nothing decided: default tier {self.tiers.default}")
                 return TierChoice(self.tiers.default, "default")
             if candidates:
+                routing.trace(ctx, "model_tiers", f"nothing decided, default {self.tiers.default} not allowed: "
+                                                  f"{candidates[0]}")
                 return TierChoice(candidates[0], "default")
             raise OpenAIError(403, "No model tier is allowed for this request.", param="model",
                               code="model_not_allowed")

@@ -1,0 +1,392 @@
+"""What the routing policies share: the tier ladder, the text they judge, one embedding per request.
+
+Routing policies (``plugins/route_rules.py``, ``semantic_routes.py``, ``learned_router.py``,
+``load_spill.py``, ``budget_downgrade.py`` and ``model_tiers.py``) never import each other; they
+cooperate through the request context (``candidates``, ``ctx.route_trace``, ``ctx.over_soft_budget``)
+and the helpers here, so that they agree on:
+
+* **the ladder**: tiers from cheapest to strongest (:func:`tier_ladder`). "One tier down", "the
+  nearest allowed tier" and "spill to an alternative" are all steps on it;
+* **the text a router judges** (:func:`route_text`): the last user message of a chat (the prompt of
+  a completion), clipped to :data:`ROUTE_TEXT_CHARS` -- the encoder reads at most 256 word pieces
+  (~1,000 characters) anyway, and tokenizing a 1 MB prompt just to throw most of it away would cost
+  more than the routing itself;
+* **one embedding per request** (:func:`prompt_embedding`): the semantic routes and the learned
+  router both need the MiniLM embedding of the same text; the first to ask computes it (off the
+  event loop, batched with other requests' texts), the second gets it from the request, and a
+  small per-process LRU serves repeated prompts;
+* **the trace**: every policy appends ``"<plugin>: <what it did>"`` to ``ctx.route_trace``
+  (:func:`trace`); ``extproc route --explain`` prints it and metrics count it per plugin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .config import TierConfig
+    from .context import RequestContext
+    from .gateway import TierRegistry
+
+ROUTE_TEXT_CHARS = 2000
+"""Characters of the prompt a router looks at (the encoder truncates at 256 word pieces anyway)."""
+
+EMBEDDING_CACHE_ENTRIES = 4096
+"""Embeddings kept per worker process for repeated prompts (~1.6 KB each: ~7 MB at most)."""
+
+_EMBEDDING_KEY = "routing.embedding"
+
+
+# ---------------------------------------------------------------------------- the tier ladder
+
+
+def tier_ladder(tiers: Mapping[str, "TierConfig"], order: Sequence[str] | None = None) -> list[str]:
+    """Tiers from cheapest to strongest.
+
+    :param tiers: the configured tiers (``gateway.tiers.tiers``).
+    :param order: an explicit ladder (a policy's ``ladder`` setting); every name must be a tier.
+        Without it: by price (completion, then prompt, per 1k tokens), ties in configuration order.
+    :raises ValueError: ``order`` names a tier that is not configured, or names one twice.
+    """
+    if order:
+        unknown = [t for t in order if t not in tiers]
+        if unknown:
+            raise ValueError(f"ladder: unknown tier(s) {', '.join(map(repr, unknown))} "
+                             f"(configured: {', '.join(tiers)})")
+        if len(set(order)) != len(order):
+            raise ValueError("ladder: a tier is listed twice")
+        return list(order)
+    index = {name: i for i, name in enumerate(tiers)}
+    return sorted(tiers, key=lambda n: (tiers[n].price.completion_per_1k, tiers[n].price.prompt_per_1k, index[n]))
+
+
+def closest_allowed(tier: str, candidates: Sequence[str], ladder: Sequence[str], *,
+                    prefer: str = "up") -> str | None:
+    """``tier`` if allowed, else the allowed tier nearest to it on the ladder.
+
+    :param prefer: ``"up"`` (a stronger tier wins a tie: quality first) or ``"down"`` (a cheaper one
+        wins: cost first).
+    :return: None when no candidate is on the ladder.
+    """
+    if tier in candidates:
+        return tier
+    if tier not in ladder:
+        return None
+    pos = ladder.index(tier)
+    order = (1, -1) if prefer == "up" else (-1, 1)
+    for dist in range(1, len(ladder)):
+        for sign in order:
+            i = pos + sign * dist
+            if 0 <= i < len(ladder) and ladder[i] in candidates:
+                return ladder[i]
+    return None
+
+
+def step_down(tier: str, candidates: Sequence[str], ladder: Sequence[str], steps: int = 1,
+              floor: str | None = None) -> str:
+    """The allowed tier ``steps`` rungs below ``tier`` (skipping tiers not in ``candidates``).
+
+    Never goes below ``floor`` (a tier name) nor below the cheapest allowed tier; returns ``tier``
+    itself when there is nothing cheaper that is allowed.
+    """
+    if tier not in ladder:
+        return tier
+    lowest = ladder.index(floor) if floor in ladder else 0
+    pos, out = ladder.index(tier), tier
+    moved = 0
+    for i in range(pos - 1, lowest - 1, -1):
+        if ladder[i] in candidates:
+            out, moved = ladder[i], moved + 1
+            if moved == steps:
+                break
+    return out
+
+
+# ---------------------------------------------------------------------------- the request
+
+
+def is_auto(registry: "TierRegistry", ctx: "RequestContext") -> bool:
+    """Whether the request asked the gateway to choose (``model: auto``)."""
+    return ctx.request is not None and ctx.request.model == registry.auto_model
+
+
+def pinned_tier(registry: "TierRegistry", ctx: "RequestContext") -> str | None:
+    """The tier the request's ``model`` names (a tier or an alias), or None."""
+    return registry.resolve(ctx.request.model) if ctx.request is not None else None
+
+
+def clip_text(text: str, max_chars: int = ROUTE_TEXT_CHARS) -> str:
+    """``text`` without surrounding whitespace, at most ``max_chars`` characters (its beginning)."""
+    text = text.strip()
+    return text[:max_chars] if len(text) > max_chars else text
+
+
+def route_text(ctx: "RequestContext", max_chars: int = ROUTE_TEXT_CHARS) -> str:
+    """The text routers judge: the last user message (chat) or the prompt (completions), clipped."""
+    req = ctx.request
+    if req is None:
+        return ""
+    if req.messages:
+        for message in reversed(req.messages):
+            if message.role == "user":
+                return clip_text(message.text, max_chars)
+        return clip_text(req.messages[-1].text, max_chars)
+    return clip_text(req.prompt or "", max_chars)
+
+
+def prompt_tokens(ctx: "RequestContext", encoding: str = "cl100k_base") -> int:
+    """Tokens of the whole prompt (every message), counted once per request.
+
+    Kept in ``ctx.prompt_tokens_estimate`` (another policy may already have set it).
+    """
+    if ctx.prompt_tokens_estimate is None:
+        from . import tokens
+
+        req = ctx.request
+        if req.messages is not None:
+            ctx.prompt_tokens_estimate = tokens.count_chat(req.messages, encoding)
+        else:
+            ctx.prompt_tokens_estimate = tokens.count_text(req.prompt or "", encoding)
+    return ctx.prompt_tokens_estimate
+
+
+def prompt_tokens_ready(encoding: str = "cl100k_base") -> None:
+    """Load the token counter's tables now (start-up) instead of on the first request (~0.1 s)."""
+    from . import tokens
+
+    tokens.get_encoding(encoding)
+
+
+def required_capabilities(ctx: "RequestContext") -> set[str]:
+    """What the request needs of a tier beyond text generation.
+
+    ``tools`` (tools, functions or a tool_choice other than none), ``json_mode`` (a
+    ``response_format`` other than text) and ``vision`` (an image content part).
+    """
+    req = ctx.request
+    needs: set[str] = set()
+    raw = req.raw if isinstance(req.raw, dict) else {}
+    if req.tools or raw.get("functions") or (req.tool_choice not in (None, "none")) \
+            or raw.get("function_call") not in (None, "none"):
+        needs.add("tools")
+    if req.response_format and req.response_format.get("type") not in (None, "text"):
+        needs.add("json_mode")
+    for message in req.messages or ():
+        if isinstance(message.content, list) and any(
+                isinstance(p, dict) and p.get("type") in ("image_url", "input_image") for p in message.content):
+            needs.add("vision")
+            break
+    return needs
+
+
+def trace(ctx: "RequestContext", plugin: str, message: str) -> None:
+    """Record a routing step: ``"<plugin>: <message>"`` in ``ctx.route_trace``."""
+    ctx.route_trace.append(f"{plugin}: {message}")
+
+
+@contextmanager
+def timed(ctx: "RequestContext", plugin: str) -> Iterator[None]:
+    """Add the block's wall time to ``ctx.timings_ms["route:<plugin>"]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        key = f"route:{plugin}"
+        ctx.timings_ms[key] = ctx.timings_ms.get(key, 0.0) + (time.perf_counter() - start) * 1000.0
+
+
+# ---------------------------------------------------------------------------- embeddings
+
+
+class EmbeddingBatcher:
+    """Computes embeddings off the event loop, one thread per process, batching concurrent asks.
+
+    While one batch is being encoded, texts from other requests queue up and go together in the
+    next one (up to ``max_batch``): at 16 concurrent clients the encoder runs a few batches instead
+    of 16 single passes, and the event loop never blocks on NumPy. One thread, because a worker
+    process owns about one core and NumPy already uses it fully.
+    """
+
+    def __init__(self, encode: Callable[[list[str]], np.ndarray], max_batch: int = 32):
+        self._encode = encode
+        self.max_batch = max_batch
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._queues: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopQueue]" = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+        self.batches = 0  #: encoder calls made (for tests and stats)
+
+    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="extproc-embed")
+            return self._executor
+
+    async def encode(self, text: str) -> np.ndarray:
+        """The embedding of one text (float32, unit norm)."""
+        loop = asyncio.get_running_loop()
+        queue = self._queues.get(loop)
+        if queue is None:
+            queue = self._queues[loop] = _LoopQueue()
+        future = loop.create_future()
+        queue.items.append((text, future))
+        if not queue.running:
+            queue.running = True
+            loop.create_task(self._drain(loop, queue))
+        return await future
+
+    async def encode_many(self, texts: Sequence[str]) -> np.ndarray:
+        """Embeddings of many texts in one call (start-up work: example utterances)."""
+        if not texts:
+            return np.zeros((0, 384), np.float32)
+        loop = asyncio.get_running_loop()
+        self.batches += 1
+        return await loop.run_in_executor(self._pool(), self._encode, list(texts))
+
+    async def _drain(self, loop: asyncio.AbstractEventLoop, queue: "_LoopQueue") -> None:
+        try:
+            while queue.items:
+                batch = queue.items[: self.max_batch]
+                del queue.items[: self.max_batch]
+                live = [(t, f) for t, f in batch if not f.done()]
+                if not live:
+                    continue
+                self.batches += 1
+                try:
+                    vectors = await loop.run_in_executor(self._pool(), self._encode, [t for t, _ in live])
+                except BaseException as exc:  # noqa: BLE001 - handed to every waiter
+                    for _, future in live:
+                        if not future.done():
+                            future.set_exception(exc)
+                    if isinstance(exc, asyncio.CancelledError):
+                        raise
+                    continue
+                for (_, future), vector in zip(live, vectors):
+                    if not future.done():
+                        future.set_result(vector)
+        finally:
+            queue.running = False
+
+    def close(self) -> None:
+        with self._lock:
+            if self._executor is not None:
+                self._executor.shutdown(wait=False, cancel_futures=True)
+                self._executor = None
+
+
+class _LoopQueue:
+    __slots__ = ("items", "running", "__weakref__")
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, asyncio.Future]] = []
+        self.running = False
+
+
+class EmbeddingCache:
+    """Bounded LRU of text -> embedding (per process)."""
+
+    def __init__(self, max_entries: int = EMBEDDING_CACHE_ENTRIES):
+        self.max_entries = max_entries
+        self._data: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, text: str) -> np.ndarray | None:
+        vector = self._data.get(text)
+        if vector is None:
+            self.misses += 1
+            return None
+        self._data.move_to_end(text)
+        self.hits += 1
+        return vector
+
+    def put(self, text: str, vector: np.ndarray) -> None:
+        self._data[text] = vector
+        self._data.move_to_end(text)
+        while len(self._data) > self.max_entries:
+            self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class PromptEmbedder:
+    """The process-wide embedding service of the routing policies (see :func:`prompt_embedder`)."""
+
+    def __init__(self, encoder_factory: Callable[[], object] | None = None, *,
+                 cache_entries: int = EMBEDDING_CACHE_ENTRIES, max_batch: int = 32):
+        if encoder_factory is None:
+            from .embeddings import get_encoder
+
+            encoder_factory = get_encoder
+        self._factory = encoder_factory
+        self._encoder = None
+        self._encoder_lock = threading.Lock()
+        self.cache = EmbeddingCache(cache_entries)
+        self.batcher = EmbeddingBatcher(self._encode, max_batch=max_batch)
+
+    @property
+    def encoder(self):
+        """The sentence encoder (loaded on first use)."""
+        if self._encoder is None:
+            with self._encoder_lock:
+                if self._encoder is None:
+                    self._encoder = self._factory()
+        return self._encoder
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        return np.asarray(self.encoder.encode(texts), dtype=np.float32)
+
+    def load(self) -> None:
+        """Load the encoder now (start-up) rather than on the first request."""
+        _ = self.encoder
+
+    async def embed_text(self, text: str) -> tuple[np.ndarray, bool]:
+        """``(embedding, computed)``: ``computed`` is False when the cache answered."""
+        vector = self.cache.get(text)
+        if vector is not None:
+            return vector, False
+        vector = await self.batcher.encode(text)
+        self.cache.put(text, vector)
+        return vector, True
+
+    async def embed_many(self, texts: Sequence[str]) -> np.ndarray:
+        """Embeddings of many texts (start-up work; not cached)."""
+        return await self.batcher.encode_many([clip_text(t) for t in texts])
+
+
+_shared: PromptEmbedder | None = None
+_shared_lock = threading.Lock()
+
+
+def prompt_embedder() -> PromptEmbedder:
+    """The process-wide :class:`PromptEmbedder` (MiniLM, loaded on first use)."""
+    global _shared
+    if _shared is None:
+        with _shared_lock:
+            if _shared is None:
+                _shared = PromptEmbedder()
+    return _shared
+
+
+async def prompt_embedding(ctx: "RequestContext", embedder: PromptEmbedder | None = None) -> np.ndarray:
+    """The embedding of :func:`route_text` for this request, computed at most once per request.
+
+    Counts a computed embedding in ``ctx.embedding_calls`` (a cache hit is free).
+    """
+    held = ctx.plugin_state.get(_EMBEDDING_KEY)
+    if held is not None:
+        return held
+    embedder = embedder or prompt_embedder()
+    vector, computed = await embedder.embed_text(route_text(ctx))
+    if computed:
+        ctx.embedding_calls += 1
+    ctx.plugin_state[_EMBEDDING_KEY] = vector
+    return vector
