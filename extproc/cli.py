@@ -192,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_admin_parser(sub)  # extproc admin ...: keys, budgets, spend over the admin API
 
+    from .route_commands import add_route_parsers
+
+    add_route_parsers(sub)  # extproc route --explain, extproc router train|eval
+
     triton = sub.add_parser("triton", help="Triton model repository tools")
     tsub = triton.add_subparsers(dest="triton_command", required=True)
     fill = tsub.add_parser("fill", help=cmd_triton_fill.__doc__, add_help=False)
