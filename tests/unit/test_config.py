@@ -17,7 +17,8 @@ def base() -> dict:
 def test_embedded_default_is_valid_and_loads_the_default_plugins():
     config = load_config(None)
     assert config.default_tier == "small"
-    assert Gateway(config).plugin_names == ["model_tiers", "request_log", "usage_records", "metrics"]
+    routing = ["route_rules", "semantic_routes", "learned_router", "budget_downgrade", "load_spill"]
+    assert Gateway(config).plugin_names == [*routing, "model_tiers", "request_log", "usage_records", "metrics"]
 
 
 def test_omitted_plugins_list_means_default_plugins():
@@ -66,8 +67,9 @@ def test_plugin_listed_twice_is_an_error():
 
 def test_settings_for_a_plugin_without_settings_are_refused():
     data = base()
-    data["plugins"][0]["settings"] = {"x": 1}
-    with pytest.raises(ConfigError, match=r"plugins\[0\]\.settings: plugin 'model_tiers' takes no settings"):
+    i = [p["name"] for p in data["plugins"]].index("model_tiers")
+    data["plugins"][i]["settings"] = {"x": 1}
+    with pytest.raises(ConfigError, match=rf"plugins\[{i}\]\.settings: plugin 'model_tiers' takes no settings"):
         Gateway(parse_config(data))
 
 
