@@ -1,0 +1,362 @@
+"""Budgets and context discipline through real Envoy, Triton, Redis and the service.
+
+Two gateways (the second sharing Triton and Redis) run ``budgets-e2e.yaml``: tenancy (API keys
+from the admin API, plus Envoy's trusted header), retrieval, context caps, budgets, and the admin
+API (gateway one, worker 0). A third gateway uses a Redis of this module's own with AOF fsync on
+every write, which the durability test kills and restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import httpx
+import openai
+import pytest
+import yaml
+
+from extproc import tokens
+from extproc.admin.v1 import admin_pb2 as pb
+from extproc.admin.v1 import admin_pb2_grpc as pb_grpc
+
+from ..conftest import ROOT, free_port, require
+
+pytestmark = pytest.mark.e2e
+
+CONFIG = ROOT / "tests" / "e2e" / "budgets-e2e.yaml"
+PEPPER = "e2e-pepper-for-budgets-0123456789"
+TOKEN = "e2e-admin-token-0123456789"
+PRICE = {"small": (0.0001, 0.0002), "large": (0.003, 0.006)}
+
+
+def write_config(path: Path, *, admin_port: int | None, redis_url: str | None = None) -> Path:
+    cfg = yaml.safe_load(CONFIG.read_text())
+    if admin_port is None:
+        cfg["plugins"] = [p for p in cfg["plugins"] if p["name"] != "admin_api"]
+    else:
+        next(p for p in cfg["plugins"] if p["name"] == "admin_api")["settings"]["port"] = admin_port
+    if redis_url:
+        cfg["state"]["redis_url"] = redis_url
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def env():
+    saved = {k: os.environ.get(k) for k in ("EXTPROC_E2E_BUDGET_PEPPER", "EXTPROC_E2E_ADMIN_TOKEN")}
+    os.environ["EXTPROC_E2E_BUDGET_PEPPER"] = PEPPER
+    os.environ["EXTPROC_E2E_ADMIN_TOKEN"] = TOKEN
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def gateways(env, stack, make_stack, tmp_path_factory):
+    """Gateway one (2 workers, admin API) and gateway two (1 worker), sharing Triton and Redis."""
+    work = tmp_path_factory.mktemp("budgets")
+    admin_port = free_port()
+    one = make_stack(write_config(work / "one.yaml", admin_port=admin_port), workers=2, share_triton_with=stack)
+    two = make_stack(write_config(work / "two.yaml", admin_port=None), workers=1, share_triton_with=stack)
+    channel = grpc.insecure_channel(f"127.0.0.1:{admin_port}")
+    admin = pb_grpc.AdminStub(channel)
+    yield one, two, admin
+    channel.close()
+
+
+AUTH = [("authorization", f"Bearer {TOKEN}")]
+
+
+def new_key(admin, tenant: str, workflow: str = "") -> str:
+    return admin.CreateKey(pb.CreateKeyRequest(tenant=tenant, workflow=workflow), metadata=AUTH, timeout=5).api_key
+
+
+def spend(admin, tenant: str) -> dict:
+    info = admin.GetBudget(pb.GetBudgetRequest(subject=pb.Subject(scope=pb.TENANT, id=tenant)),
+                           metadata=AUTH, timeout=5)
+    return {(w.metric, w.window): w for w in info.windows}
+
+
+def client(stack, key: str = "none") -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.base_url, api_key=key, max_retries=0, timeout=60)
+
+
+def cost_nano(tier: str, usage) -> int:
+    pp, cp = PRICE[tier]
+    return round((usage.prompt_tokens * pp + usage.completion_tokens * cp) / 1000.0 * 1e9)
+
+
+def long_text(n_tokens: int) -> str:
+    words = " ".join(f"w{i % 997}" for i in range(n_tokens))
+    return words
+
+
+# identity ---------------------------------------------------------------------------------------
+def test_unknown_or_missing_key_is_401(gateways):
+    one, _, _ = gateways
+    with pytest.raises(openai.AuthenticationError) as err:
+        client(one, "sk-ext-000000000000-not-a-real-key-at-all").chat.completions.create(
+            model="small", max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+    assert err.value.status_code == 401 and err.value.body["code"] == "invalid_api_key"
+    r = httpx.post(f"{one.base_url}/chat/completions", json={"model": "small", "messages": [
+        {"role": "user", "content": "hi"}]}, timeout=30)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key"
+
+
+def test_spoofed_tenant_header_is_ignored(gateways):
+    one, _, admin = gateways
+    key = new_key(admin, "t-spoof-a")
+    reply = client(one, key).chat.completions.create(
+        model="small", max_tokens=2, messages=[{"role": "user", "content": "hi"}],
+        extra_headers={"x-extproc-tenant": "t-spoof-b", "x-extproc-workflow": "evil"})
+    assert reply.usage.total_tokens > 0
+    assert spend(admin, "t-spoof-a")[("requests", "day")].spent == 1
+    assert spend(admin, "t-spoof-b")[("requests", "day")].spent == 0
+    # Without a key, the header alone (trusted_header is a configured source) does not get in:
+    # Envoy strips every x-extproc-* header a client sends before the gateway sees the request.
+    r = httpx.post(f"{one.base_url}/chat/completions", headers={"x-extproc-tenant": "t-spoof-b"},
+                   json={"model": "small", "messages": [{"role": "user", "content": "hi"}]}, timeout=30)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key"
+
+
+# context caps -----------------------------------------------------------------------------------
+def test_50k_token_prompt_under_each_strategy(gateways):
+    one, _, admin = gateways
+    text = long_text(50_000)
+    assert tokens.count_text(text) >= 50_000
+
+    with pytest.raises(openai.BadRequestError) as err:
+        client(one, new_key(admin, "t-reject")).chat.completions.create(
+            model="small", max_tokens=4, messages=[{"role": "user", "content": text}])
+    assert err.value.body["code"] == "context_length_exceeded"
+
+    turns = []
+    chunk = long_text(2_000)
+    for i in range(25):
+        turns += [{"role": "user", "content": f"q{i} {chunk}"}, {"role": "assistant", "content": f"a{i} {chunk}"}]
+    conversation = [{"role": "system", "content": "Be brief."}, *turns, {"role": "user", "content": "Last question?"}]
+    assert sum(tokens.count_text(m["content"]) for m in conversation) > 50_000
+    for tenant, messages in (("t-drop", conversation), ("t-trim", [{"role": "user", "content": text}])):
+        raw = client(one, new_key(admin, tenant)).chat.completions.with_raw_response.create(
+            model="small", max_tokens=4, messages=messages)
+        reply = raw.parse()
+        assert reply.choices[0].message.content is not None and reply.usage.completion_tokens > 0
+        # Triton counts the rendered chat template: the cap (1000) plus a few template tokens
+        assert reply.usage.prompt_tokens <= 1000 + 16, tenant
+        assert int(raw.headers["x-extproc-tokens-cut"]) >= 49_000, tenant
+
+
+def test_documents_are_ranked_and_trimmed(gateways):
+    one, _, admin = gateways
+    filler = [f"Memo {i}: the cafeteria menu, parking permits and printer toner for floor {i}." for i in range(30)]
+    answer = "The Golden Gate Bridge opened to traffic in May 1937; its main span is 1,280 metres."
+    docs = [{"id": "memos", "text": "\n\n".join(filler[:15])},
+            {"id": "bridges", "text": "\n\n".join(filler[15:] + [answer])}]
+    total = sum(tokens.count_text(d["text"]) for d in docs)
+    raw = client(one, new_key(admin, "t-docs")).chat.completions.with_raw_response.create(
+        model="small", max_tokens=4, messages=[{"role": "user", "content": "When did the Golden Gate Bridge open?"}],
+        extra_body={"documents": docs})
+    reply = raw.parse()
+    kept = raw.headers["x-extproc-document-chunks"].split(",")
+    last_bridge_chunk = max(int(k.split("#")[1]) for k in kept if k.startswith("bridges#"))
+    assert last_bridge_chunk >= 1  # the chunk holding the answer (the document's last) was ranked in
+    assert kept == sorted(kept, key=lambda k: (k.split("#")[0] != "memos", int(k.split("#")[1])))
+    kept_n, all_n = raw.headers["x-extproc-documents"].split()[0].split("/")
+    assert int(kept_n) < int(all_n)
+    assert reply.usage.prompt_tokens < total and int(raw.headers["x-extproc-tokens-cut"]) > 0
+
+
+# budgets ----------------------------------------------------------------------------------------
+def test_spend_recorded_equals_sum_of_usage(gateways):
+    one, two, admin = gateways
+    key = new_key(admin, "t-spend")
+    tokens_sum = usd_sum = 0
+    for i in range(6):
+        c = client(one if i % 2 else two, key)
+        msgs = [{"role": "user", "content": f"Tell me about number {i}"}]
+        if i < 3:
+            reply = c.chat.completions.create(model="small", max_tokens=8, messages=msgs)
+            usage = reply.usage
+        else:
+            usage = None
+            for chunk in c.chat.completions.create(model="small", max_tokens=8, messages=msgs, stream=True,
+                                                   stream_options={"include_usage": True}):
+                usage = chunk.usage or usage
+        tokens_sum += usage.total_tokens
+        usd_sum += cost_nano("small", usage)
+    rows = spend(admin, "t-spend")
+    assert rows[("tokens", "day")].spent == tokens_sum and rows[("tokens", "month")].spent == tokens_sum
+    assert rows[("usd", "day")].spent == usd_sum
+    assert rows[("requests", "day")].spent == 6 and rows[("tokens", "day")].reserved == 0
+
+
+def triton_inferences(stack, model: str = "llm-small") -> int:
+    url = f"http://127.0.0.1:{stack.ports.triton_http}/v2/models/{model}/stats"
+    with urllib.request.urlopen(url, timeout=5) as r:
+        stats = json.loads(r.read())
+    return sum(int(m.get("inference_count", 0)) for m in stats["model_stats"])
+
+
+def test_200_concurrent_requests_from_two_gateways_admit_50(gateways, stack):
+    one, two, admin = gateways
+    key = new_key(admin, "t-conc")  # requests_per_day: 50
+    before = triton_inferences(stack)
+
+    def call(i: int):
+        s = one if i % 2 else two
+        r = httpx.post(f"{s.base_url}/chat/completions", headers={"authorization": f"Bearer {key}"},
+                       json={"model": "small", "max_tokens": 1, "messages": [{"role": "user", "content": f"n{i}"}]},
+                       timeout=60)
+        return r.status_code, r.headers.get("retry-after"), r.json()
+
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(call, range(200)))
+    statuses = [s for s, _, _ in results]
+    admitted = statuses.count(200)
+    assert admitted <= 50 and statuses.count(429) == 200 - admitted
+    assert admitted == 50  # nothing else failed them
+    refused = next(r for r in results if r[0] == 429)
+    assert int(refused[1]) > 0 and refused[2]["error"]["code"] == "budget_exceeded"
+    assert "tenant 't-conc': requests per day" in refused[2]["error"]["message"]
+    assert triton_inferences(stack) - before == admitted  # refused ones never reached Triton
+    rows = spend(admin, "t-conc")
+    assert rows[("requests", "day")].spent == 50 and rows[("requests", "day")].remaining == 0
+
+
+def test_remaining_budget_exact_after_aborted_streams(gateways):
+    one, _, admin = gateways
+    key = new_key(admin, "t-abort")
+    c = client(one, key)
+    completed = 0
+    for i in range(2):
+        completed += c.chat.completions.create(model="small", max_tokens=4,
+                                               messages=[{"role": "user", "content": f"ok {i}"}]).usage.total_tokens
+    for i in range(5):
+        stream = c.chat.completions.create(model="large", max_tokens=64, stream=True,
+                                           messages=[{"role": "user", "content": f"write a long story {i}"}])
+        next(iter(stream))
+        stream.close()  # the client hangs up mid-stream
+    deadline = time.monotonic() + 10
+    while True:
+        rows = spend(admin, "t-abort")
+        if rows[("tokens", "day")].reserved == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    row = rows[("tokens", "day")]
+    assert row.reserved == 0 and row.spent == completed
+    assert row.remaining == 100_000 - completed
+    assert rows[("requests", "day")].spent == 2
+
+
+# durability -------------------------------------------------------------------------------------
+class AofRedis:
+    """A redis-server with the append-only file fsynced on every write, killable and restartable."""
+
+    def __init__(self, workdir: Path):
+        self.binary = shutil.which("redis-server")
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+             "--appendfsync", "always", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)  # a crash: no shutdown save, only what was fsynced
+        self.proc.wait(5)
+
+
+def test_redis_restart_loses_no_acknowledged_spend(env, stack, make_stack, tmp_path_factory):
+    require(shutil.which("redis-server") is not None, "redis-server is not installed")
+    work = tmp_path_factory.mktemp("aof")
+    redis = AofRedis(work)
+    redis.start()
+    try:
+        gw = make_stack(write_config(work / "dur.yaml", admin_port=None, redis_url=redis.url), workers=1,
+                        redis=False, share_triton_with=stack)
+        import asyncio
+
+        from extproc.api_keys import KeyRing
+        from extproc.budget_ledger import BudgetLedger, Subject
+        from extproc.state import RedisStore
+
+        async def make_key():
+            store = RedisStore(redis.url, prefix="e2e-budgets:")
+            try:
+                return (await KeyRing(store, PEPPER.encode()).create("t-dur"))[1]
+            finally:
+                await store.close()
+
+        async def recorded():
+            store = RedisStore(redis.url, prefix="e2e-budgets:")
+            try:
+                rows = (await BudgetLedger(store).report(Subject("tenant", "t-dur")))["windows"]
+                return {(r["metric"], r["window"]): r for r in rows}
+            finally:
+                await store.close()
+
+        key = asyncio.run(make_key())
+        c = client(gw, key)
+        acknowledged = 0
+
+        def one_request(i: int) -> int:
+            reply = c.chat.completions.create(model="small", max_tokens=4,
+                                              messages=[{"role": "user", "content": f"durable {i}"}])
+            return reply.usage.total_tokens
+
+        for i in range(5):
+            acknowledged += one_request(i)
+        redis.kill()
+        with pytest.raises(openai.APIStatusError) as err:  # no store: refused, never unmetered
+            for i in range(3):
+                one_request(100 + i)
+                time.sleep(0.5)
+        assert err.value.status_code == 503 and err.value.response.headers["retry-after"] == "1"
+        redis.start()  # same port, same dir: replays the append-only file
+        done, deadline = 0, time.monotonic() + 20
+        while done < 5 and time.monotonic() < deadline:
+            try:
+                acknowledged += one_request(200 + done)
+                done += 1
+            except openai.APIStatusError as exc:  # the first calls may find the old connection gone
+                assert exc.status_code == 503
+                time.sleep(0.2)
+        assert done == 5
+        rows = asyncio.run(recorded())
+        assert rows[("tokens", "month")]["spent"] == acknowledged
+        assert rows[("tokens", "month")]["reserved"] == 0
+        assert rows[("requests", "month")]["spent"] == 10
+    finally:
+        if redis.proc and redis.proc.poll() is None:
+            redis.proc.terminate()
+            redis.proc.wait(5)
