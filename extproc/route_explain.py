@@ -64,9 +64,9 @@ class Explanation:
             lines.append(f"upstream: POST {self.upstream_path}   (not sent)")
         if self.degraded:
             lines.append(f"degraded (fail-open plugins that failed): {', '.join(self.degraded)}")
-        routing = {k.split(":", 1)[1]: v for k, v in self.timings_ms.items() if k.startswith("route:")}
-        if routing:
-            lines.append("routing time: " + ", ".join(f"{k} {v:.2f} ms" for k, v in routing.items()))
+        per_plugin = {k.split(":", 1)[1]: v for k, v in self.timings_ms.items() if k.startswith("plugin:")}
+        if per_plugin:
+            lines.append("time per plugin: " + ", ".join(f"{k} {v:.2f} ms" for k, v in per_plugin.items()))
         if self.left_out:
             lines.append(f"not run (no say in routing): {', '.join(self.left_out)}")
         return "\n".join(lines)

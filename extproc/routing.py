@@ -24,11 +24,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-import time
 import weakref
 from collections import OrderedDict
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -191,17 +189,6 @@ def required_capabilities(ctx: "RequestContext") -> set[str]:
 def trace(ctx: "RequestContext", plugin: str, message: str) -> None:
     """Record a routing step: ``"<plugin>: <message>"`` in ``ctx.route_trace``."""
     ctx.route_trace.append(f"{plugin}: {message}")
-
-
-@contextmanager
-def timed(ctx: "RequestContext", plugin: str) -> Iterator[None]:
-    """Add the block's wall time to ``ctx.timings_ms["route:<plugin>"]``."""
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        key = f"route:{plugin}"
-        ctx.timings_ms[key] = ctx.timings_ms.get(key, 0.0) + (time.perf_counter() - start) * 1000.0
 
 
 # ---------------------------------------------------------------------------- embeddings

@@ -76,16 +76,15 @@ class LearnedRouter:
     async def extproc_choose_tier(self, ctx, candidates):
         if not routing.is_auto(self.registry, ctx):
             return None
-        with routing.timed(ctx, NAME):
-            vector = await routing.prompt_embedding(ctx, self.embedder)
-            label, probs = self.model.decide(vector, routing.prompt_tokens(ctx))
-            wanted = self.label_tier[label]
-            target = routing.closest_allowed(wanted, candidates, self.ladder)
-            shown = ", ".join(f"{lab} {p:.2f}" for lab, p in zip(self.model.labels, probs))
-            if target is None:
-                routing.trace(ctx, NAME, f"{wanted} not allowed and no alternative (p: {shown}); pass")
-                return None
-            note = "" if target == wanted else f" (nearest allowed to {wanted})"
-            routing.trace(ctx, NAME, f"{target}{note}: p {shown}; thresholds " + ", ".join(
-                f"{k} {v:.2f}" for k, v in self.model.thresholds.items()))
-            return TierChoice(target, NAME)
+        vector = await routing.prompt_embedding(ctx, self.embedder)
+        label, probs = self.model.decide(vector, routing.prompt_tokens(ctx))
+        wanted = self.label_tier[label]
+        target = routing.closest_allowed(wanted, candidates, self.ladder)
+        shown = ", ".join(f"{lab} {p:.2f}" for lab, p in zip(self.model.labels, probs))
+        if target is None:
+            routing.trace(ctx, NAME, f"{wanted} not allowed and no alternative (p: {shown}); pass")
+            return None
+        note = "" if target == wanted else f" (nearest allowed to {wanted})"
+        routing.trace(ctx, NAME, f"{target}{note}: p {shown}; thresholds " + ", ".join(
+            f"{k} {v:.2f}" for k, v in self.model.thresholds.items()))
+        return TierChoice(target, NAME)

@@ -125,17 +125,16 @@ class LoadSpill:
             return
         if routing.pinned_tier(self.registry, ctx) is not None and not self.settings.pinned:
             return
-        with routing.timed(ctx, NAME):
-            try:
-                depth = await self.depth(tier)
-                if not self._too_deep(tier, depth):
-                    routing.trace(ctx, NAME, f"{tier} queue {depth:g} <= {self.settings.max_depth[tier]}")
-                    return
-                target, why = await self._alternative(tier, candidates)
-            except TritonMetricsError as exc:
-                self._failed(exc)
-                routing.trace(ctx, NAME, f"metrics unavailable ({exc}); {tier} kept")
+        try:
+            depth = await self.depth(tier)
+            if not self._too_deep(tier, depth):
+                routing.trace(ctx, NAME, f"{tier} queue {depth:g} <= {self.settings.max_depth[tier]}")
                 return
+            target, why = await self._alternative(tier, candidates)
+        except TritonMetricsError as exc:
+            self._failed(exc)
+            routing.trace(ctx, NAME, f"metrics unavailable ({exc}); {tier} kept")
+            return
         bound = self.settings.max_depth[tier]
         if target is None:
             routing.trace(ctx, NAME, f"{tier} queue {depth:g} > {bound}, but {why}; {tier} kept")

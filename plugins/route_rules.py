@@ -138,8 +138,7 @@ class RouteRules:
 
     @hookimpl
     def extproc_choose_tier(self, ctx, candidates):
-        with routing.timed(ctx, NAME):
-            return self._choose(ctx, candidates)
+        return self._choose(ctx, candidates)
 
     def _choose(self, ctx, candidates: list[str]):
         auto = routing.is_auto(self.registry, ctx)

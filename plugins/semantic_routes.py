@@ -104,9 +104,8 @@ class SemanticRoutes:
     async def extproc_choose_tier(self, ctx, candidates):
         if not routing.is_auto(self.registry, ctx):
             return None
-        with routing.timed(ctx, NAME):
-            vector = await routing.prompt_embedding(ctx, self.embedder)
-            return self._decide(ctx, candidates, vector)
+        vector = await routing.prompt_embedding(ctx, self.embedder)
+        return self._decide(ctx, candidates, vector)
 
     def nearest(self, vector: np.ndarray) -> list[tuple[float, str, str]]:
         """``(similarity, tier, example)`` of the ``k`` nearest examples, best first."""
