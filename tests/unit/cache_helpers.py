@@ -52,3 +52,18 @@ class UpstreamCounter:
         if not result.replied:
             self.calls += 1
         return result
+
+
+class TenantFromHeader:
+    """Test-only: the tenant named by the ``x-test-tenant`` header (the tenancy policy's job in production)."""
+
+    from extproc.hookspecs import hookimpl
+
+    @hookimpl
+    def extproc_request_headers(self, ctx):
+        ctx.tenant = ctx.headers.get("x-test-tenant", "anonymous")
+
+
+def plugin_of(gw, name: str):
+    """The registered instance of a plugin in a harness."""
+    return next(p.obj for p in gw.gateway.hooks.plugins if p.name == name)
