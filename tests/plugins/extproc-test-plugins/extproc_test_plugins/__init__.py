@@ -33,3 +33,14 @@ class Tagger:
     def extproc_request_headers(self, ctx):
         ctx.tenant = ctx.headers.get("x-test-tenant", ctx.tenant)
         ctx.workflow = ctx.headers.get("x-test-workflow", ctx.workflow)
+
+
+class SoftBudgetMarker:
+    """Marks the request over its soft budget (ctx.over_soft_budget, what the budget policy sets)
+    when it carries ``x-test-over-soft-budget: 1``, so routing tests can see the downgrade."""
+
+    @hookimpl
+    def extproc_request_parsed(self, ctx):
+        if ctx.headers.get("x-test-over-soft-budget") == "1":
+            ctx.over_soft_budget = True
+            ctx.budget_status = "soft_limit"
