@@ -21,6 +21,7 @@ configuration's own entry for it, else the configuration's default for its scope
 from __future__ import annotations
 
 import calendar
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -125,8 +126,27 @@ def window_bounds(window: str, now: float) -> tuple[str, float, float]:
     raise ValueError(f"unknown window {window!r}")
 
 
+@functools.lru_cache(maxsize=65536)
+def _quoted(subject: str) -> str:
+    return quote(subject, safe="")
+
+
 def counter_key(scope: str, subject: str, metric: str, window: str, bucket: str) -> str:
-    return f"bud:{scope}:{quote(subject, safe='')}:{metric}:{window}:{bucket}"
+    return f"bud:{scope}:{_quoted(subject)}:{metric}:{window}:{bucket}"
+
+
+_bounds_cache: tuple[int, dict] = (-1, {})
+
+
+def all_window_bounds(now: float) -> dict[str, tuple[str, float, float]]:
+    """:func:`window_bounds` of every window (computed once per second: on the request path)."""
+    global _bounds_cache
+    second = int(now)
+    cached_second, bounds = _bounds_cache
+    if cached_second != second:
+        bounds = {w: window_bounds(w, second) for w in WINDOWS}
+        _bounds_cache = (second, bounds)
+    return bounds
 
 
 def settings_key(scope: str, subject: str) -> str:
@@ -251,7 +271,7 @@ class BudgetLedger:
     def plan(self, subject_limits: Mapping[Subject, Limits | None], now: float) -> list[tuple[str, Planned]]:
         """Every counter a request of these subjects touches: limited ones and tracked windows."""
         out: list[tuple[str, Planned]] = []
-        bounds = {w: window_bounds(w, now) for w in WINDOWS}
+        bounds = all_window_bounds(now)
         for subject, limits in subject_limits.items():
             tracked = self.track.get(subject.scope, ())
             for window in WINDOWS:

@@ -148,6 +148,9 @@ class Budgets:
             admission = await self.ledger.reserve(rid, subjects, amounts, ttl=self.settings.reservation_ttl_seconds)
         except StoreUnavailable as exc:
             return self._store_down(ctx, exc)
+        except asyncio.CancelledError:  # the stream went away mid-call: the script may have run
+            self._release_later(rid)
+            raise
         if not admission.ok:
             return self._refuse(ctx, admission)
         ctx.plugin_state[NAME] = {"subjects": subjects, "open": [(rid, admission.keys)], "amounts": amounts,
@@ -208,6 +211,9 @@ class Budgets:
                                                       ttl=self.settings.reservation_ttl_seconds)
             except StoreUnavailable as exc:
                 return self._store_down(ctx, exc)
+            except asyncio.CancelledError:
+                self._release_later(rid)
+                raise
             if not admission.ok:
                 return self._refuse(ctx, admission)
             state["open"].append((rid, admission.keys))
@@ -258,6 +264,18 @@ class Budgets:
                 await self._apply(op)
             except StoreUnavailable:
                 self.pending.add((op, deadline))
+
+    def _release_later(self, rid: str) -> None:
+        """Release a reservation whose caller was cancelled (now, or later through the retry queue)."""
+        deadline = time.monotonic() + self.settings.reservation_ttl_seconds
+
+        async def release():
+            try:
+                await self.ledger.release(rid)
+            except StoreUnavailable:
+                self.pending.add((("release", rid, None, None), deadline))
+
+        asyncio.get_running_loop().create_task(release())
 
     async def _apply(self, op) -> None:
         kind, rid, keys, actual = op

@@ -283,3 +283,27 @@ async def test_dearer_tier_chosen_by_routing_reserves_the_difference():
         # small's worst case fits 0.0001 USD; large's (0.006 per 1K completion) does not.
         result = await gw.chat("hi", max_tokens=64)
     assert result.status == 429 and "usd per day" in result.json()["error"]["message"]
+
+
+async def test_admission_cancelled_mid_call_releases_what_it_may_have_reserved():
+    async with GatewayHarness(config=budgets(tenants={"anonymous": {"tokens_per_day": 1000}})) as gw:
+        plugin = gw.gateway.hooks.pm.get_plugin("budgets")
+        ledger = plugin.ledger
+        original = ledger.reserve
+        started = asyncio.Event()
+
+        async def slow_reserve(*args, **kwargs):
+            result = await original(*args, **kwargs)  # the reservation is made...
+            started.set()
+            await asyncio.sleep(10)  # ...but the answer is late, and the stream goes away
+            return result
+
+        ledger.reserve = slow_reserve
+        task = asyncio.create_task(gw.chat("hi"))
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.05)
+        rows = await report(gw)
+    assert rows[("tokens", "day")]["reserved"] == 0 and rows[("tokens", "day")]["spent"] == 0

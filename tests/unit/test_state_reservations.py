@@ -140,3 +140,23 @@ async def test_redis_down_reserve_raises_store_unavailable():
     with pytest.raises(StoreUnavailable):
         await s.commit("r", {"c": 1})
     await s.close()
+
+
+async def test_redis_batches_concurrent_scripts_and_reloads_forgotten_ones(redis_url):
+    s = RedisStore(redis_url, prefix=f"b{uuid.uuid4().hex[:8]}:")
+    assert (await s.reserve("warm", [Charge("c", 0, None, later())], ttl=60)).ok
+    await s._redis.script_flush()  # as after a Redis restart: the scripts are gone
+    results = await asyncio.gather(*[s.reserve(f"r{i}", [Charge("c", 1, 10, later())], ttl=60) for i in range(30)])
+    assert sum(r.ok for r in results) == 10
+    settled = await asyncio.gather(*[s.release(f"r{i}") for i in range(30)])
+    assert sum(settled) == 10 and await s.read_counters(["c"]) == [(0, 0)]
+    await s.close()
+
+
+async def test_redis_down_fails_every_batched_call():
+    s = RedisStore("redis://127.0.0.1:1/0", timeout=0.2)
+    results = await asyncio.gather(*[s.reserve(f"r{i}", [Charge("c", 1, 1, later())], ttl=1) for i in range(5)],
+                                   return_exceptions=True)
+    assert all(isinstance(r, StoreUnavailable) for r in results)
+    assert not s._scripts_busy  # nothing left waiting
+    await s.close()

@@ -1,0 +1,277 @@
+"""Added latency of the budget and context policies, at 1 and 16 concurrent clients.
+
+Runs in-process against a redis-server of its own on loopback (and the memory store), timing each
+policy's request-path hook the way the gateway calls it:
+
+* ``budgets admission``: ``extproc_request_parsed`` (token estimate + one atomic Lua reservation
+  over the tenant's counters: 3 limited + tracked windows), target p50 < 0.3 ms on Redis;
+* ``budgets reconcile``: ``extproc_response_complete`` (the settle Lua script; after the answer);
+* ``tenancy``: API key lookup (HMAC + in-process cache; and uncached, one Redis GET);
+* ``context_caps``: a 300-token chat under the cap (count only), and a 50,000-token prompt cut to
+  1,000 tokens by ``trim_middle`` and ``drop_oldest``;
+* ``retrieval``: 2 documents / ~24 chunks ranked against the question, embeddings cached in the
+  store (the common case of re-sent documents) and uncached (MiniLM runs).
+
+    .venv/bin/python benchmarks/bench_budget_context.py [--requests 2000] [--clients 1,16]
+
+Clients are coroutines in one event loop (the way one gateway worker serves concurrent streams);
+with 16 the figures include waiting for the loop and for Redis. Bounded: a few thousand
+operations per case, well under a minute or two in all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from extproc.api_keys import KeyRing  # noqa: E402
+from extproc.config import PluginEntry, load_config  # noqa: E402
+from extproc.context import RequestContext  # noqa: E402
+from extproc.gateway import Gateway  # noqa: E402
+from extproc.openai_format import Usage, parse_request  # noqa: E402
+
+PEPPER = "bench-pepper-0123456789abcdef"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_redis() -> tuple[subprocess.Popen, str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        sys.exit("redis-server is needed (apt-get install redis-server)")
+    port = free_port()
+    work = tempfile.mkdtemp(prefix="bench-redis-")
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", work], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    for _ in range(200):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return proc, f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    sys.exit("redis-server did not start")
+
+
+def gateway(plugins: list[dict], redis_url: str | None) -> Gateway:
+    cfg = load_config(None)
+    cfg = cfg.model_copy(update={
+        "plugins": [PluginEntry(**p) for p in plugins] + [PluginEntry(name="model_tiers")],
+        "server": cfg.server.model_copy(update={"workers": 1}),
+        "state": cfg.state.model_copy(update={"redis_url": redis_url, "key_prefix": f"bench{os.getpid()}:"}),
+    })
+    return Gateway(cfg)
+
+
+def ctx_for(body: dict, tenant: str = "acme", headers: dict | None = None) -> RequestContext:
+    ctx = RequestContext("bench", "POST", "/v1/chat/completions", headers or {}, endpoint="chat", tenant=tenant)
+    ctx.request = parse_request("chat", json.dumps(body).encode())
+    return ctx
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(p * len(values)))]
+
+
+async def measure(op, n: int, clients: int, warmup: int = 50) -> list[float]:
+    """Run ``op(i)`` n times over ``clients`` coroutines; the per-call latencies in ms."""
+    warm = iter(range(warmup))
+
+    async def warm_worker():  # as many at once as measured: the connection pool is warm too
+        for i in warm:
+            await op(-1 - i)
+
+    await asyncio.gather(*[warm_worker() for _ in range(clients)])
+    out: list[float] = []
+    counter = iter(range(n))
+
+    async def worker():
+        for i in counter:
+            t = time.perf_counter()
+            await op(i)
+            out.append((time.perf_counter() - t) * 1000.0)
+
+    await asyncio.gather(*[worker() for _ in range(clients)])
+    return out
+
+
+def row(name: str, clients: int, ms: list[float]) -> None:
+    print(f"| {name:<44} | {clients:>2} | {statistics.median(ms):8.3f} | {pct(ms, 0.9):8.3f} | "
+          f"{pct(ms, 0.99):8.3f} | {len(ms):>5} |", flush=True)
+
+
+CHAT = {"model": "auto", "max_tokens": 16, "messages": [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": " ".join(f"word{i}" for i in range(140))}]}
+
+
+async def bench_budgets(store_name: str, redis_url: str | None, n: int, client_counts: list[int]) -> None:
+    limits = {"tokens_per_minute": 10**12, "tokens_per_day": 10**12, "usd_per_month": 10**6}
+    gw = gateway([{"name": "budgets", "settings": {"tenants": {"acme": limits}, "track": {"tenant": ["day", "month"]}}}],
+                 redis_url)
+    await gw.start()
+    plugin = gw.hooks.pm.get_plugin("budgets")
+    try:
+        for clients in client_counts:
+            pending: dict[int, RequestContext] = {}
+
+            async def admit(i):
+                ctx = ctx_for(CHAT)
+                ctx.prompt_tokens_estimate = 160  # set by context_caps when it runs first
+                await plugin.extproc_request_parsed(ctx)
+                pending[i] = ctx
+
+            ms = await measure(admit, n, clients)
+            row(f"budgets admission ({store_name})", clients, ms)
+
+            async def reconcile(i):
+                ctx = pending.pop(i) if i in pending else pending.popitem()[1]
+                ctx.usage = Usage(160, 16)
+                ctx.cost_usd = 0.00002
+                ctx.outcome = "completed"
+                await plugin.extproc_response_complete(ctx)
+
+            ms = await measure(reconcile, min(n, len(pending) - 50), clients)  # warm-up settles 50 too
+            row(f"budgets reconcile ({store_name})", clients, ms)
+            for ctx in list(pending.values()):
+                ctx.outcome = "aborted"
+                await plugin.extproc_request_finished(ctx)
+            pending.clear()
+    finally:
+        await gw.stop()
+
+
+async def bench_tenancy(redis_url: str, n: int, client_counts: list[int]) -> None:
+    os.environ["EXTPROC_KEY_PEPPER"] = PEPPER
+    gw = gateway([{"name": "tenancy", "settings": {"cache_seconds": 5}}], redis_url)
+    await gw.start()
+    plugin = gw.hooks.pm.get_plugin("tenancy")
+    _, key = await KeyRing(gw.store, PEPPER.encode()).create("acme")
+    try:
+        for clients in client_counts:
+            async def cached(i):
+                await plugin.extproc_request_headers(ctx_for(CHAT, headers={"authorization": f"Bearer {key}"}))
+
+            row("tenancy key lookup (cached)", clients, await measure(cached, n, clients))
+
+            async def uncached(i):
+                plugin.ring._cache.clear()
+                await plugin.extproc_request_headers(ctx_for(CHAT, headers={"authorization": f"Bearer {key}"}))
+
+            row("tenancy key lookup (Redis GET)", clients, await measure(uncached, n, clients))
+    finally:
+        await gw.stop()
+
+
+async def bench_context(n: int, client_counts: list[int]) -> None:
+    rules = [{"tenants": ["trim"], "max_prompt_tokens": 1000, "strategy": "trim_middle"},
+             {"tenants": ["drop"], "max_prompt_tokens": 1000, "strategy": "drop_oldest"},
+             {"max_prompt_tokens": 4000, "strategy": "reject"}]
+    gw = gateway([{"name": "context_caps", "settings": {"rules": rules}}], None)
+    await gw.start()
+    plugin = gw.hooks.pm.get_plugin("context_caps")
+    big = " ".join(f"w{i % 997}" for i in range(50_000))
+    turn = " ".join(f"w{i % 997}" for i in range(2_000))
+    convo = {"model": "auto", "max_tokens": 16, "messages": [{"role": "system", "content": "Be brief."}] + [
+        {"role": r, "content": f"{r} {i} {turn}"} for i in range(12) for r in ("user", "assistant")] + [
+        {"role": "user", "content": "last?"}]}
+    try:
+        for clients in client_counts:
+            async def small(i):
+                plugin.extproc_request_parsed(ctx_for(CHAT))
+
+            row("context_caps, 160-token chat under the cap", clients, await measure(small, n, clients))
+            body = {"model": "auto", "max_tokens": 16, "messages": [{"role": "user", "content": big}]}
+
+            async def trim(i):
+                plugin.extproc_request_parsed(ctx_for(body, tenant="trim"))
+
+            row("context_caps, 50k tokens -> 1k, trim_middle", clients, await measure(trim, max(20, n // 100), clients, 3))
+
+            async def drop(i):
+                plugin.extproc_request_parsed(ctx_for(convo, tenant="drop"))
+
+            row("context_caps, 48k-token chat -> 1k, drop_oldest", clients,
+                await measure(drop, max(20, n // 100), clients, 3))
+    finally:
+        await gw.stop()
+
+
+async def bench_retrieval(redis_url: str, n: int, client_counts: list[int]) -> None:
+    gw = gateway([{"name": "retrieval", "settings": {"chunk_tokens": 64, "max_document_tokens": 400}}], redis_url)
+    await gw.start()
+    plugin = gw.hooks.pm.get_plugin("retrieval")
+    paras = [f"Paragraph {i}: " + " ".join(f"topic{i}-{j}" for j in range(20)) for i in range(24)]
+    docs = [{"id": "a", "text": "\n\n".join(paras[:12])}, {"id": "b", "text": "\n\n".join(paras[12:])}]
+
+    def body(q):
+        return {"model": "auto", "messages": [{"role": "user", "content": q}], "documents": docs}
+
+    try:
+        for clients in client_counts:
+            async def cached(i):
+                await plugin.extproc_request_parsed(ctx_for(body("what about topic7?")))
+
+            row("retrieval, 24 chunks, embeddings cached", clients, await measure(cached, max(50, n // 10), clients, 3))
+
+            async def fresh(i):
+                gw.store  # a new question each time: only the question is embedded
+                await plugin.extproc_request_parsed(ctx_for(body(f"question number {i} about topic{i % 24}?")))
+
+            row("retrieval, 24 chunks, new question (1 embed)", clients,
+                await measure(fresh, max(20, n // 50), clients, 3))
+
+            async def uncached(i):
+                unique = [{"id": d["id"], "text": d["text"] + f"\n\nrun {i} {clients}"} for d in docs]
+                await plugin.extproc_request_parsed(ctx_for(
+                    {"model": "auto", "messages": [{"role": "user", "content": f"q {i}"}], "documents": unique}))
+
+            row("retrieval, 24 chunks, nothing cached (MiniLM)", clients,
+                await measure(uncached, max(4, n // 500), clients, 1))
+    finally:
+        await gw.stop()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=2000, help="operations per case")
+    parser.add_argument("--clients", default="1,16")
+    args = parser.parse_args()
+    client_counts = [int(c) for c in args.clients.split(",")]
+    proc, url = start_redis()
+    try:
+        print(f"load average before: {os.getloadavg()[0]:.2f} (2 cores shared)")
+        print("| case | clients | p50 ms | p90 ms | p99 ms | n |")
+        print("|---|---:|---:|---:|---:|---:|")
+        await bench_budgets("Redis, loopback", url, args.requests, client_counts)
+        await bench_budgets("memory", None, args.requests, client_counts)
+        await bench_tenancy(url, args.requests, client_counts)
+        await bench_context(args.requests, client_counts)
+        await bench_retrieval(url, args.requests, client_counts)
+        print(f"load average after: {os.getloadavg()[0]:.2f}")
+    finally:
+        proc.terminate()
+        proc.wait(5)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
