@@ -68,11 +68,12 @@ def tier_ladder(tiers: Mapping[str, "TierConfig"], order: Sequence[str] | None =
 
 
 def closest_allowed(tier: str, candidates: Sequence[str], ladder: Sequence[str], *,
-                    prefer: str = "up") -> str | None:
+                    prefer: str = "down") -> str | None:
     """``tier`` if allowed, else the allowed tier nearest to it on the ladder.
 
-    :param prefer: ``"up"`` (a stronger tier wins a tie: quality first) or ``"down"`` (a cheaper one
-        wins: cost first).
+    :param prefer: which neighbour wins a tie: ``"down"`` (the cheaper one; the default, because a
+        tier is usually removed for cost or permission, and the next stronger one would cost more
+        still) or ``"up"`` (the stronger one: quality first).
     :return: None when no candidate is on the ladder.
     """
     if tier in candidates:

@@ -8,7 +8,7 @@ For each ``auto`` request: the prompt's embedding (shared with the semantic rout
 per request) and its token count give P(tier); the strongest tier whose cumulative score reaches its
 calibrated threshold is chosen (RouteLLM-style: the thresholds were set so that a target share of
 traffic reaches the strong tier). If a policy before removed that tier from the candidates, the
-nearest allowed tier is taken (a stronger one on a tie). Pinned requests are left alone.
+nearest allowed tier is taken (the cheaper one on a tie). Pinned requests are left alone.
 
 Settings: ``model_path`` (default: the shipped model), ``tier_map`` (model label -> tier, when the
 configured tiers are named differently), ``thresholds`` (override the calibrated ones, e.g.

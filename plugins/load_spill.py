@@ -3,9 +3,9 @@
 After the tier is chosen (``extproc_adjust_tier``), the chosen tier's queue depth is read from
 Triton's Prometheus metrics (:class:`extproc.triton_metrics.TritonMetricsClient`: one scrape per
 ``max_age`` seconds per worker, shared by every request in flight). If it is deeper than the
-tier's bound (``max_depth``), the request goes to the nearest allowed tier (cheaper first by
-default, ``prefer: up`` for stronger first) whose own queue is within its bound; if every
-alternative is busy too, the choice stands (spilling would only move the queue).
+tier's bound (``max_depth``), the request goes to an allowed tier whose own queue is within its
+bound: the cheaper tiers first, nearest first, then the stronger ones (``prefer: up`` reverses
+that); if every alternative is busy too, the choice stands (spilling would only move the queue).
 
 **Queue depth** is the sum of the ``queue_metrics`` selectors for the tier's model (``models``
 maps a tier to the ``model`` label its metrics carry; default: the tier's ``model``). The
@@ -146,18 +146,15 @@ class LoadSpill:
         if tier not in self.ladder:
             return None, "it is not on the ladder"
         pos = self.ladder.index(tier)
-        order = (-1, 1) if self.settings.prefer == "down" else (1, -1)
+        cheaper, stronger = self.ladder[pos - 1::-1] if pos else [], self.ladder[pos + 1:]
         busy = []
-        for dist in range(1, len(self.ladder)):
-            for sign in order:
-                i = pos + sign * dist
-                if not 0 <= i < len(self.ladder) or self.ladder[i] not in candidates:
-                    continue
-                alt = self.ladder[i]
-                depth = await self.depth(alt)
-                if not self._too_deep(alt, depth):
-                    return alt, f"queue {depth:g}" if depth is not None else "no queue to read"
-                busy.append(f"{alt} {depth:g}")
+        for alt in (cheaper + stronger if self.settings.prefer == "down" else stronger + cheaper):
+            if alt not in candidates:
+                continue
+            depth = await self.depth(alt)
+            if not self._too_deep(alt, depth):
+                return alt, f"queue {depth:g}" if depth is not None else "no queue to read"
+            busy.append(f"{alt} {depth:g}")
         return None, ("every alternative is busy: " + ", ".join(busy)) if busy else "no allowed alternative"
 
     def _failed(self, exc: Exception) -> None:

@@ -50,7 +50,7 @@ def test_explicit_ladder_is_checked():
 @pytest.mark.parametrize("tier,candidates,prefer,expected", [
     ("large", ["small", "medium", "large"], "up", "large"),
     ("large", ["small", "medium"], "up", "medium"),
-    ("medium", ["small", "large"], "up", "large"),      # a tie: quality first
+    ("medium", ["small", "large"], "up", "large"),      # a tie, quality first
     ("medium", ["small", "large"], "down", "small"),    # a tie: cost first
     ("small", ["large"], "up", "large"),
     ("small", [], "up", None),
@@ -212,3 +212,9 @@ async def test_real_encoder_through_the_batcher_matches_a_direct_call():
     batched = await asyncio.gather(*(embedder.batcher.encode(t) for t in texts))
     direct = get_encoder().encode(texts)
     assert np.allclose(np.stack(batched), direct, atol=1e-5)
+
+
+def test_closest_allowed_prefers_the_cheaper_neighbour_by_default():
+    # a tier removed for cost or permission must not turn into a dearer one
+    assert routing.closest_allowed("large", ["small", "medium", "passthrough"],
+                                   ["small", "medium", "large", "passthrough"]) == "medium"
