@@ -189,26 +189,26 @@ async def bench_context(n: int, client_counts: list[int]) -> None:
     gw = gateway([{"name": "context_caps", "settings": {"rules": rules}}], None)
     await gw.start()
     plugin = gw.hooks.pm.get_plugin("context_caps")
-    big = " ".join(f"w{i % 997}" for i in range(50_000))
-    turn = " ".join(f"w{i % 997}" for i in range(2_000))
+    big = " ".join(f"w{i % 997}" for i in range(25_000))  # 50,000 tokens (" w123" is two)
+    turn = " ".join(f"w{i % 997}" for i in range(1_000))  # 2,000 tokens
     convo = {"model": "auto", "max_tokens": 16, "messages": [{"role": "system", "content": "Be brief."}] + [
         {"role": r, "content": f"{r} {i} {turn}"} for i in range(12) for r in ("user", "assistant")] + [
         {"role": "user", "content": "last?"}]}
     try:
         for clients in client_counts:
             async def small(i):
-                plugin.extproc_request_parsed(ctx_for(CHAT))
+                await plugin.extproc_request_parsed(ctx_for(CHAT))
 
             row("context_caps, 160-token chat under the cap", clients, await measure(small, n, clients))
             body = {"model": "auto", "max_tokens": 16, "messages": [{"role": "user", "content": big}]}
 
             async def trim(i):
-                plugin.extproc_request_parsed(ctx_for(body, tenant="trim"))
+                await plugin.extproc_request_parsed(ctx_for(body, tenant="trim"))
 
             row("context_caps, 50k tokens -> 1k, trim_middle", clients, await measure(trim, max(20, n // 100), clients, 3))
 
             async def drop(i):
-                plugin.extproc_request_parsed(ctx_for(convo, tenant="drop"))
+                await plugin.extproc_request_parsed(ctx_for(convo, tenant="drop"))
 
             row("context_caps, 48k-token chat -> 1k, drop_oldest", clients,
                 await measure(drop, max(20, n // 100), clients, 3))

@@ -23,6 +23,7 @@ What was cut goes to ``ctx.tokens_cut`` (metrics read it), ``x-extproc-tokens-cu
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Literal
 
@@ -36,6 +37,13 @@ NAME = "context_caps"
 Strategy = Literal["reject", "drop_oldest", "trim_middle"]
 KEEP_ROLES = ("system", "developer")
 MIN_KEEP = 8  # tokens left of a trimmed message, at least
+THREAD_CHARS = 64 * 1024  # prompts larger than this are counted and cut in a thread
+
+
+def _size(req) -> int:
+    if req.messages is None:
+        return len(req.prompt or "")
+    return sum(len(m.content) if isinstance(m.content, str) else len(m.text) for m in req.messages)
 
 
 class Rule(BaseModel):
@@ -79,10 +87,11 @@ def _set(slot, text: str) -> None:
         obj[key] = text
 
 
-def trim_text(text: str, keep: int, encoding: str, marker: str) -> str:
+def trim_text(text: str, keep: int, encoding: str, marker: str, ids: list[int] | None = None) -> str:
     """``text`` cut to about ``keep`` tokens: head and tail kept, the middle replaced by ``marker``."""
     enc = tokens.get_encoding(encoding)
-    ids = enc.encode_ordinary(text)
+    if ids is None:
+        ids = enc.encode_ordinary(text)
     if len(ids) <= keep:
         return text
     keep = max(0, keep)
@@ -106,6 +115,7 @@ class ContextCaps:
     def __init__(self, settings: "ContextCaps.Settings"):
         self.settings = settings
         self.gateway = None
+        self._big = asyncio.Semaphore(2)
 
     @hookimpl
     def extproc_startup(self, gateway):
@@ -117,10 +127,14 @@ class ContextCaps:
                 raise ValueError(f"context_caps: rules[{i}].tiers: unknown tier(s) {', '.join(sorted(unknown))}")
 
     @hookimpl
-    def extproc_request_parsed(self, ctx):
+    async def extproc_request_parsed(self, ctx):
         started = time.perf_counter()
         try:
-            self._cap(ctx)
+            if _size(ctx.request) > THREAD_CHARS:  # tiktoken releases the GIL: keep the loop serving
+                async with self._big:  # at most two big prompts at once (CPU-bound), the rest queue
+                    await asyncio.to_thread(self._cap, ctx)
+            else:
+                self._cap(ctx)
         finally:
             ctx.timings_ms[f"plugin:{NAME}"] = (time.perf_counter() - started) * 1000.0
 
@@ -163,8 +177,9 @@ class ContextCaps:
         else:
             if strategy == "drop_oldest":
                 self._drop_oldest(req, cap, encoding)
-            if self._count(req, encoding) > cap:
-                self._trim_middle(req, cap, encoding)
+            remaining = self._count(req, encoding) if strategy == "drop_oldest" else count
+            if remaining > cap:
+                self._trim_middle(req, cap, encoding, remaining)
         after = self._count(req, encoding)
         cut = count - after
         ctx.prompt_tokens_estimate = after
@@ -203,22 +218,26 @@ class ContextCaps:
                 total -= sizes[i]
         req.messages = [m for i, m in enumerate(messages) if i not in dropped]
 
-    def _trim_middle(self, req, cap: int, encoding: str) -> None:
+    def _trim_middle(self, req, cap: int, encoding: str, total: int | None = None) -> None:
+        enc = tokens.get_encoding(encoding)
         marker = self.settings.trim_marker
         marker_tokens = tokens.count_text(marker.format(n=99999), encoding)
-        for _ in range(64):  # each pass trims the longest text; a few passes at most in practice
-            excess = tokens.count_chat(req.messages, encoding) - cap
+        total = tokens.count_chat(req.messages, encoding) if total is None else total
+        for _ in range(16):  # each pass trims the longest text; one or two passes in practice
+            excess = total - cap
             if excess <= 0:
                 return
             slots = [s for m in req.messages for s in _text_slots(m)]
             if not slots:
                 return
-            sized = [(tokens.count_text(_get(s), encoding), n, s) for n, s in enumerate(slots)]
-            size, _, slot = max(sized, key=lambda x: (x[0], -x[1]))
+            encoded = [enc.encode_ordinary(_get(s)) for s in slots]
+            n = max(range(len(slots)), key=lambda i: len(encoded[i]))
+            size = len(encoded[n])
             if size <= MIN_KEEP + marker_tokens:
                 return  # nothing long enough is left to trim
             keep = max(MIN_KEEP, size - excess - marker_tokens - 2)
-            _set(slot, trim_text(_get(slot), keep, encoding, marker))
+            _set(slots[n], trim_text(_get(slots[n]), keep, encoding, marker, ids=encoded[n]))
+            total = tokens.count_chat(req.messages, encoding)
 
     @hookimpl
     def extproc_choose_tier(self, ctx, candidates):

@@ -100,8 +100,8 @@ def cost_nano(tier: str, usage) -> int:
 
 
 def long_text(n_tokens: int) -> str:
-    words = " ".join(f"w{i % 997}" for i in range(n_tokens))
-    return words
+    """About ``n_tokens`` cl100k tokens (each " w123" word is two)."""
+    return " ".join(f"w{i % 997}" for i in range(n_tokens // 2 + 50))
 
 
 # identity ---------------------------------------------------------------------------------------
