@@ -64,6 +64,9 @@ class _Pending:
     def add(self, item) -> None:
         if len(self.queue) == self.queue.maxlen:
             self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.error("budgets: %d settlement(s) dropped: the retry queue is full (store down too long); "
+                          "their reservations stay charged until they expire", self.dropped)
         self.queue.append(item)
 
 

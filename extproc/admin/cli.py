@@ -15,7 +15,9 @@ import json
 import os
 import sys
 
-from ..budget_ledger import LIMIT_FIELDS
+# The same names as extproc.budget_ledger.LIMIT_FIELDS, without importing it: `extproc serve`
+# builds this parser too, and its start-up (until the signal handlers are in) must stay quick.
+LIMIT_FIELDS = tuple(f"{m}_per_{w}" for m in ("requests", "tokens", "usd") for w in ("minute", "hour", "day", "month"))
 
 SCOPES = {"tenant": "TENANT", "workflow": "WORKFLOW", "api_key": "API_KEY"}
 

@@ -177,3 +177,10 @@ async def test_no_token_fails_start_up(env, monkeypatch):
     with pytest.raises(Exception, match="no admin token"):
         async with GatewayHarness(config=gateway_config()):
             pass
+
+
+def test_cli_limit_flags_match_the_ledger():
+    from extproc.admin.cli import LIMIT_FIELDS as CLI_FIELDS
+    from extproc.budget_ledger import LIMIT_FIELDS
+
+    assert CLI_FIELDS == LIMIT_FIELDS == tuple(pb.Limits.DESCRIPTOR.fields_by_name)

@@ -307,3 +307,19 @@ async def test_admission_cancelled_mid_call_releases_what_it_may_have_reserved()
         await asyncio.sleep(0.05)
         rows = await report(gw)
     assert rows[("tokens", "day")]["reserved"] == 0 and rows[("tokens", "day")]["spent"] == 0
+
+
+def test_pending_settlements_are_bounded():
+    from extproc_plugins.budgets import _Pending
+
+    pending = _Pending(maxlen=3)
+    for i in range(5):
+        pending.add(i)
+    assert list(pending.queue) == [2, 3, 4] and pending.dropped == 2
+
+
+async def test_override_cache_is_bounded():
+    ledger = BudgetLedger(MemoryStore(), cache_size=10)
+    for i in range(25):
+        await ledger.limits_for(Subject("tenant", f"t{i}"))
+    assert len(ledger._cache) <= 10

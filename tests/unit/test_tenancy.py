@@ -123,3 +123,12 @@ async def test_store_down_is_503_never_a_pass():
         result = await gw.chat("hi", headers={"authorization": "Bearer sk-ext-000000000000-whatever-key"})
     assert result.status == 503 and result.headers["retry-after"] == "1"
     assert result.json()["error"]["code"] == "auth_unavailable"
+
+
+async def test_key_cache_is_bounded():
+    from extproc.state import MemoryStore
+
+    ring = KeyRing(MemoryStore(), PEPPER.encode(), cache_size=10)
+    for i in range(25):
+        assert await ring.lookup(f"sk-ext-unknown-{i}") is None
+    assert len(ring._cache) <= 10
