@@ -12,9 +12,11 @@ default: ``max_tokens`` is part of the key, so only a request with the same limi
 cut. Never stored: errors, streams the client left (aborted), answers without a finish reason,
 tool calls, several choices, answers over ``max_answer_bytes``.
 
-Where: the gateway's Redis when ``state.redis_url`` is set (shared by every worker and gateway);
-otherwise a per-worker memory store of its own, bounded by ``memory_max_bytes`` (LRU), so cache
-pressure never evicts other policies' state.
+Where: the gateway's Redis when ``state.redis_url`` is set (shared by every worker and gateway),
+with a small per-worker *near cache* of hot answers in front of it (``near_cache_seconds``, 2 s by
+default: a hit then costs no Redis round trip; an answer may outlive its TTL or a refresh made
+elsewhere by at most that long); otherwise a per-worker memory store of its own, bounded by
+``memory_max_bytes`` (LRU), so cache pressure never evicts other policies' state.
 
 Redis unavailable: no cache (lookups and stores are skipped for ``store_retry_seconds`` after a
 failure), never a failed request.
@@ -60,17 +62,27 @@ class ExactCache:
         normalization: Normalization = Field(default_factory=Normalization)
         max_answer_bytes: int = Field(256 * 1024, gt=0)
         memory_max_bytes: int = Field(64 * 1024 * 1024, gt=0, description="bound of the per-worker memory store")
+        near_cache_seconds: float = Field(
+            2.0, ge=0, description="with Redis: keep hot answers in the worker this long too (0: off); an "
+            "answer may then outlive its TTL, or a no-cache refresh elsewhere, by at most this much")
+        near_cache_max_bytes: int = Field(8 * 1024 * 1024, gt=0)
         store_retry_seconds: float = Field(1.0, gt=0, description="after a store failure, skip it this long")
 
     def __init__(self, settings: "ExactCache.Settings"):
         self.settings = settings
         self.store = None
+        self.near: MemoryStore | None = None  # per-worker copy of hot answers in front of Redis
         self.breaker = Breaker(NAME, settings.store_retry_seconds)
 
     @hookimpl
     def extproc_startup(self, gateway):
         store = gateway.store
-        self.store = MemoryStore(max_bytes=self.settings.memory_max_bytes) if isinstance(store, MemoryStore) else store
+        if isinstance(store, MemoryStore):
+            self.store = MemoryStore(max_bytes=self.settings.memory_max_bytes)
+        else:
+            self.store = store
+            if self.settings.near_cache_seconds > 0:
+                self.near = MemoryStore(max_bytes=self.settings.near_cache_max_bytes)
 
     def key(self, ctx) -> str:
         tier = ctx.tier_config
@@ -113,14 +125,19 @@ class ExactCache:
 
     async def _get(self, key: str) -> tuple[CachedAnswer | None, bool]:
         """The stored answer (or None) and whether the store failed."""
-        try:
-            data = await self.store.get(key)
-            self.breaker.ok()
-        except StoreUnavailable as exc:
-            self.breaker.failed(exc)
-            return None, True
+        near = self.near
+        data = await near.get(key) if near is not None else None
         if data is None:
-            return None, False
+            try:
+                data = await self.store.get(key)
+                self.breaker.ok()
+            except StoreUnavailable as exc:
+                self.breaker.failed(exc)
+                return None, True
+            if data is None:
+                return None, False
+            if near is not None:
+                await near.set(key, data, ttl=self.settings.near_cache_seconds)
         try:
             return CachedAnswer.from_bytes(data), False
         except ValueError:
@@ -142,8 +159,11 @@ class ExactCache:
             return
         answer.stored_at = time.time()
         answer.tier = ctx.tier
+        data = answer.to_bytes()
         try:
-            await self.store.set(pending.key, answer.to_bytes(), ttl=pending.ttl)
+            await self.store.set(pending.key, data, ttl=pending.ttl)
             self.breaker.ok()
+            if self.near is not None:
+                await self.near.set(pending.key, data, ttl=min(pending.ttl, self.settings.near_cache_seconds))
         except StoreUnavailable as exc:
             self.breaker.failed(exc)

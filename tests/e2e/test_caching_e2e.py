@@ -288,7 +288,7 @@ def test_redis_going_away_degrades_to_no_cache_without_failing_requests(stack, m
         ask(c, prompt)
         assert ask(c, prompt)[0]["x-extproc-cache"] == "hit"
         redis.stop()
-        before = inferences(three)
+        before, prompt = inferences(three), f"Count the planets {nonce()}"
         for _ in range(3):
             h, reply = ask(c, prompt)
             assert h["x-extproc-cache"] == "miss" and reply.choices[0].message.content

@@ -205,3 +205,17 @@ async def test_a_bug_in_the_cache_follows_its_failure_policy(on_error):
     else:
         assert result.status == 200 and content(result) == "still answered"
         assert result.headers["x-extproc-degraded"] == "ExactCache"
+
+
+async def test_near_cache_in_front_of_redis_is_short_lived(redis_url):
+    settings = {"near_cache_seconds": 0.3}
+    async with harness(ExactCache, settings, redis_url=redis_url, prefix="near:") as one, \
+            harness(ExactCache, settings, redis_url=redis_url, prefix="near:") as two:
+        await one.send(chat_body("q"), answer="old")
+        assert content(await two.send(chat_body("q"))) == "old"  # now in two's near cache too
+        await one.send(chat_body("q"), answer="new", headers={"cache-control": "no-cache"})  # refreshed in Redis
+        assert content(await two.send(chat_body("q"))) == "old"  # two's near copy, for at most 0.3 s
+        await asyncio.sleep(0.35)
+        assert content(await two.send(chat_body("q"))) == "new"
+        cache = plugin_of(two, "ExactCache")
+        assert cache.near is not None and cache.near.used_bytes <= cache.settings.near_cache_max_bytes
