@@ -77,7 +77,7 @@ class LearnedRouter:
         if not routing.is_auto(self.registry, ctx):
             return None
         vector = await routing.prompt_embedding(ctx, self.embedder)
-        label, probs = self.model.decide(vector, routing.prompt_tokens(ctx))
+        label, probs = self.model.decide(vector, await routing.prompt_tokens_async(ctx))
         wanted = self.label_tier[label]
         target = routing.closest_allowed(wanted, candidates, self.ladder)
         shown = ", ".join(f"{lab} {p:.2f}" for lab, p in zip(self.model.labels, probs))

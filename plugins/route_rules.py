@@ -114,6 +114,9 @@ class RouteRules:
         self.settings = settings or self.Settings()
         self.registry = None
         self.ladder: list[str] = []
+        self._rules_count_tokens = any(r.when.min_prompt_tokens is not None or r.when.max_prompt_tokens is not None
+                                       for r in self.settings.rules)
+        self._counts_tokens = self.settings.capabilities or self._rules_count_tokens
         self._patterns = [
             [re.compile(p if p.startswith("(?") else "(?i)" + p) for p in rule.when.patterns]
             for rule in self.settings.rules
@@ -137,7 +140,9 @@ class RouteRules:
                                   f"{', '.join(map(repr, unknown))} (configured: {', '.join(tiers)})")
 
     @hookimpl
-    def extproc_choose_tier(self, ctx, candidates):
+    async def extproc_choose_tier(self, ctx, candidates):
+        if self._counts_tokens and (routing.is_auto(self.registry, ctx) or self._rules_count_tokens):
+            await routing.prompt_tokens_async(ctx)  # once, off the loop when the prompt is large
         return self._choose(ctx, candidates)
 
     def _choose(self, ctx, candidates: list[str]):

@@ -256,3 +256,21 @@ def test_router_cli_errors(tmp_path, capsys):
     assert "cannot read" in capsys.readouterr().err
     assert main(["router", "eval", str(few), "--holdout", "0.01"]) == 2
     assert "held-out part" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("on_error", ["fail_closed", "fail_open"])
+async def test_a_failing_router_follows_its_failure_policy(monkeypatch, on_error):
+    from extproc import routing
+
+    async def broken(ctx, embedder=None):
+        raise RuntimeError("encoder down")
+
+    cfg = config_with().model_copy(update={"plugins": [
+        PluginEntry(name="learned_router", on_error=on_error), PluginEntry(name="model_tiers")]})
+    async with GatewayHarness(config=cfg) as gw:
+        monkeypatch.setattr(routing, "prompt_embedding", broken)
+        r = await gw.chat("Implement a lock-free queue in C++.")
+    if on_error == "fail_closed":
+        assert r.status == 500 and r.json()["error"]["code"] == "plugin_error"
+    else:
+        assert r.status == 200 and tier(r) == "small" and r.headers["x-extproc-degraded"] == "learned_router"

@@ -218,3 +218,25 @@ def test_closest_allowed_prefers_the_cheaper_neighbour_by_default():
     # a tier removed for cost or permission must not turn into a dearer one
     assert routing.closest_allowed("large", ["small", "medium", "passthrough"],
                                    ["small", "medium", "large", "passthrough"]) == "medium"
+
+
+async def test_large_prompts_are_counted_off_the_event_loop_with_the_same_result():
+    import threading
+
+    big = chat("The quick brown fox jumps over the lazy dog. " * 3000)  # ~135 KB
+    small = chat("The quick brown fox jumps over the lazy dog. " * 3000)
+    seen = []
+    original = routing._count
+
+    def spy(ctx, encoding):
+        seen.append(threading.current_thread() is threading.main_thread())
+        return original(ctx, encoding)
+
+    routing._count = spy
+    try:
+        n = await routing.prompt_tokens_async(big)
+    finally:
+        routing._count = original
+    assert seen == [False] and n == routing.prompt_tokens(small) > 27_000
+    short = chat("hello")
+    assert await routing.prompt_tokens_async(short) == routing.prompt_tokens(chat("hello"))
