@@ -103,7 +103,7 @@ def cache_redis(tmp_path_factory):
 @pytest.fixture(scope="module")
 def gw(env, stack, make_stack, cache_redis, tmp_path_factory):
     config = write_config(tmp_path_factory.mktemp("cache") / "one.yaml", cache_redis.url)
-    return make_stack(config, workers=2, redis=False, share_triton_with=stack)
+    return make_stack(config, workers=2, redis=False, share_triton_with=stack, metrics_port=free_port())
 
 
 def client(gateway, tenant: str = "A") -> openai.OpenAI:
@@ -263,6 +263,49 @@ def test_cache_controls_and_bad_control_headers(gw):
                       json={"model": "small", "temperature": 0, "messages": [{"role": "user", "content": prompt}]})
     assert r.status_code == 400 and r.headers["content-type"] == "application/json"
     assert r.json()["error"]["code"] == "invalid_cache_ttl"
+
+
+def scrape(gateway) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{gateway.metrics_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    samples: dict = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            key = (s.name, tuple(sorted(s.labels.items())))
+            samples[key] = samples.get(key, 0.0) + s.value
+    return samples
+
+
+def total(samples, name, **labels) -> float:
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
+
+
+def test_lookups_and_savings_reach_the_metrics(gw):
+    c, prompt = client(gw), f"Name three rivers {nonce()}"
+    before = scrape(gw)
+    _, first = ask(c, prompt)
+    ask(c, prompt)
+    saved = first.usage.total_tokens
+    deadline = time.monotonic() + 20
+    while True:  # request_finished runs as the stream closes; workers' metrics are merged on scrape
+        after = scrape(gw)
+        hits = (total(after, "extproc_cache_lookups_total", layer="exact", result="hit")
+                - total(before, "extproc_cache_lookups_total", layer="exact", result="hit"))
+        if hits >= 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert hits == 1
+    assert (total(after, "extproc_cache_lookups_total", layer="exact", result="miss")
+            - total(before, "extproc_cache_lookups_total", layer="exact", result="miss")) >= 1
+    assert (total(after, "extproc_tokens_total", kind="saved")
+            - total(before, "extproc_tokens_total", kind="saved")) == saved
+    assert total(after, "extproc_cost_saved_usd_total") > total(before, "extproc_cost_saved_usd_total")
+    for layer, result in (("semantic", "miss"), ("coalescing", "leader")):  # the first request's other lookups
+        assert (total(after, "extproc_cache_lookups_total", layer=layer, result=result)
+                - total(before, "extproc_cache_lookups_total", layer=layer, result=result)) >= 1, layer
 
 
 def test_two_gateway_processes_share_hits_through_redis(gw, stack, make_stack, cache_redis, tmp_path_factory):
