@@ -219,3 +219,14 @@ async def test_near_cache_in_front_of_redis_is_short_lived(redis_url):
         assert content(await two.send(chat_body("q"))) == "new"
         cache = plugin_of(two, "ExactCache")
         assert cache.near is not None and cache.near.used_bytes <= cache.settings.near_cache_max_bytes
+
+
+async def test_completions_endpoint_is_cached_and_replayed():
+    body = {"model": "auto", "prompt": "Once upon a time", "temperature": 0}
+    async with harness(ExactCache) as gw:
+        await gw.send(body, path="/v1/completions", answer="there was a cat")
+        hit = await gw.send({**body, "prompt": "Once upon  a time "}, path="/v1/completions")
+        streamed = await gw.send({**body, "stream": True}, path="/v1/completions")
+    assert hit.replied and hit.json()["object"] == "text_completion" and content(hit) == "there was a cat"
+    assert streamed.replied and content(streamed) == "there was a cat"
+    assert json.loads(streamed.events()[0])["object"] == "text_completion"

@@ -123,3 +123,11 @@ async def test_encoder_unavailable_with_fail_open_disables_the_policy(monkeypatc
     with pytest.raises(Exception):
         async with harness(SemanticCache, on_error="fail_closed"):
             pass
+
+
+async def test_completions_prompts_are_matched_by_meaning():
+    base = {"model": "auto", "temperature": 0}
+    async with harness(SemanticCache) as gw:
+        await gw.send({**base, "prompt": "What is the capital of France?"}, path="/v1/completions", answer="Paris")
+        hit = await gw.send({**base, "prompt": "Which city is the capital of France?"}, path="/v1/completions")
+    assert hit.replied and hit.json()["object"] == "text_completion" and content(hit) == "Paris"
