@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 
@@ -18,6 +17,8 @@ from .config import load_config
 
 def cmd_route(args) -> int:
     """Explain the routing decision for a request (runs the gateway's plugin chain; sends nothing)."""
+    import asyncio
+
     from .route_explain import build_body, explain
 
     if args.explain is None and args.body is None:
