@@ -185,6 +185,10 @@ def prompt_tokens_ready(encoding: str = "cl100k_base") -> None:
     tokens.get_encoding(encoding)
 
 
+KNOWN_CAPABILITIES = ("tools", "json_mode", "vision")
+"""The capabilities :func:`required_capabilities` infers from a request."""
+
+
 def required_capabilities(ctx: "RequestContext") -> set[str]:
     """What the request needs of a tier beyond text generation.
 

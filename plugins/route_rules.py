@@ -10,7 +10,8 @@ Two jobs, in this order, for every request:
    is not checked here: pinned means pinned; the upstream answers for itself.
 2. **Rules, first match wins** for deciding; every matching rule narrows. A rule's ``when`` holds
    conditions that must all be true (none: always). Its action is one or more of
-   ``deny: [tiers]`` / ``allow: [tiers]`` (narrow the candidates, for every request) and
+   ``deny: [tiers]`` / ``allow: [tiers]`` / ``require: [capabilities]`` (narrow the candidates, for
+   every request; ``require`` keeps the tiers whose ``capabilities`` list them all) and
    ``tier: <name>`` (decide, for ``auto`` requests; the first matching rule with a tier decides).
 
    A pinned request for a tier a rule removed is refused with **403** ``model_not_allowed`` by
@@ -30,6 +31,7 @@ Example::
       settings:
         rules:
           - {name: free_plan, when: {tenants: [free]}, deny: [large]}
+          - {name: legal, when: {workflows: [contracts]}, require: [long_context]}
           - {name: batch_jobs, when: {workflows: [nightly-batch]}, tier: small}
           - {name: code, when: {patterns: ['```', '\\bdef \\w+\\(', 'stack ?trace']}, tier: large}
           - {name: long_prompt, when: {min_prompt_tokens: 1500}, tier: large}
@@ -37,6 +39,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Literal
 
@@ -49,6 +52,7 @@ from extproc.hookspecs import hookimpl
 from extproc.openai_format import OpenAIError
 
 NAME = "route_rules"
+log = logging.getLogger(__name__)
 
 
 class Condition(BaseModel):
@@ -81,13 +85,15 @@ class Rule(BaseModel):
     tier: str | None = Field(None, description="decide this tier for auto requests")
     allow: list[str] | None = Field(None, description="keep only these tiers")
     deny: list[str] = Field(default_factory=list, description="remove these tiers")
+    require: list[str] = Field(default_factory=list,
+                               description="keep only tiers listing all these capabilities (tiers.<t>.capabilities)")
     pinned: Literal["refuse", "reroute"] = Field(
         "refuse", description="a pinned request for a removed tier: 403, or the nearest allowed tier below")
 
     @model_validator(mode="after")
     def _does_something(self) -> "Rule":
-        if self.tier is None and self.allow is None and not self.deny:
-            raise ValueError(f"rule {self.name!r} has no action (tier, allow or deny)")
+        if self.tier is None and self.allow is None and not self.deny and not self.require:
+            raise ValueError(f"rule {self.name!r} has no action (tier, allow, deny or require)")
         return self
 
 
@@ -131,6 +137,12 @@ class RouteRules:
         except ValueError as exc:
             raise ConfigError(f"{NAME}.settings.{exc}") from None
         routing.prompt_tokens_ready()
+        checked = set(routing.KNOWN_CAPABILITIES).union(*(r.require for r in self.settings.rules))
+        for name, tier in tiers.items():
+            unchecked = sorted(set(tier.capabilities) - checked)
+            if unchecked:
+                log.warning("tiers.%s.capabilities: %s: no request or rule asks for it (inferred: %s)",
+                            name, ", ".join(unchecked), ", ".join(routing.KNOWN_CAPABILITIES))
         for rule in self.settings.rules:
             named = [rule.tier] if rule.tier else []
             named += (rule.allow or []) + rule.deny
@@ -162,6 +174,9 @@ class RouteRules:
                 candidates[:] = [t for t in candidates if t in rule.allow]
             if rule.deny:
                 candidates[:] = [t for t in candidates if t not in rule.deny]
+            if rule.require:
+                tiers = self.registry.tiers
+                candidates[:] = [t for t in candidates if set(rule.require) <= set(tiers[t].capabilities)]
             removed = [t for t in before if t not in candidates]
             if removed:
                 routing.trace(ctx, NAME, f"rule {rule.name} removed {', '.join(removed)}")

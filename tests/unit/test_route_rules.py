@@ -193,3 +193,14 @@ async def test_a_bug_in_the_policy_fails_closed_with_500(monkeypatch):
         r = await gw.chat("hi")
     assert r.status == 500 and r.json()["error"]["code"] == "plugin_error"
     assert "route_rules" in r.json()["error"]["message"]
+
+
+async def test_require_rule_keeps_tiers_with_the_capabilities(caplog):
+    rules = [{"name": "legal", "when": {"workflows": ["contracts"]}, "require": ["long_context"]}]
+    update = {"large": {"capabilities": ["long_context"]}, "medium": {"capabilities": ["tol"]}}
+    async with harness(rules, tiers_update=update) as gw:
+        r = await gw.chat("review this clause", headers={"x-test-workflow": "contracts"})
+        pinned = await gw.chat("review this clause", model="small", headers={"x-test-workflow": "contracts"})
+    assert tier(r) == "large" and "route_rules: rule legal removed small, medium" in r.ctx.route_trace
+    assert pinned.status == 403  # a pinned tier without it is refused like any removed tier
+    assert "tiers.medium.capabilities: tol: no request or rule asks for it" in caplog.text
