@@ -73,8 +73,13 @@ class Explanation:
 
 
 def isolated(config: GatewayConfig) -> GatewayConfig:
-    """``config`` with its shared state in memory (nothing written to the configured Redis)."""
-    return config.model_copy(update={"state": StateConfig(redis_url=None, key_prefix=config.state.key_prefix)})
+    """``config`` with its shared state in memory (nothing written to the configured Redis), as
+    the one process it runs in (``server.workers: 1``, so policies that refuse per-worker memory
+    state with several workers, like ``budgets``, start)."""
+    return config.model_copy(update={
+        "state": StateConfig(redis_url=None, key_prefix=config.state.key_prefix),
+        "server": config.server.model_copy(update={"workers": 1}),
+    })
 
 
 def deciding_plugins(config: GatewayConfig) -> tuple[GatewayConfig, list[str]]:

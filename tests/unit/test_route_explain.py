@@ -103,3 +103,16 @@ def test_cli_config_error_names_the_key(tmp_path, capsys):
     assert main(["route", "--explain", "hi", "--config", str(bad)]) == 2
     assert "plugins[0].settings.rulez: unknown key" in capsys.readouterr().err
     assert load_config(None).plugins[0].name == "route_rules"
+
+
+async def test_explain_runs_with_the_budget_and_tenancy_policies_of_a_real_config(monkeypatch):
+    monkeypatch.setenv("EXTPROC_E2E_BUDGET_PEPPER", "0123456789abcdef0123456789abcdef")
+    monkeypatch.setenv("EXTPROC_E2E_ADMIN_TOKEN", "t" * 32)
+    config = load_config("tests/e2e/budgets-e2e.yaml")  # tenancy, context caps, budgets, admin API
+    (anonymous,) = await explain(config, [build_body("hello")])
+    # no API key: 401 from tenancy, exactly what the gateway would answer
+    assert anonymous.status == 401 and anonymous.error["error"]["code"] == "missing_api_key"
+    (trusted,) = await explain(config, [build_body("hello", model="medium")],
+                               headers={"x-extproc-tenant": "t-conc"})  # as Envoy would set it
+    assert trusted.status is None and trusted.tier == "medium"
+    assert "admin_api" in trusted.left_out  # it starts a server; it has no say in routing
