@@ -87,7 +87,7 @@ def deciding_plugins(config: GatewayConfig) -> tuple[GatewayConfig, list[str]]:
     from .gateway import Gateway
     from .plugins import DEFAULT_PLUGINS
 
-    probe = Gateway(config)  # loads (does not start) every configured plugin
+    probe = Gateway(isolated(config))  # loads (does not start) every configured plugin
     deciding = {name for hook in REQUEST_PHASE_HOOKS for name in probe.hooks.implementers(hook)}
     entries = config.plugins if config.plugins is not None else [PluginEntry(name=n) for n in DEFAULT_PLUGINS]
     kept = [e for e in entries if e.name in deciding or not e.enabled]
