@@ -24,6 +24,7 @@ request. The encoder failing to load fails start-up (``fail_closed``) or disable
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from extproc.state import MemoryStore, StoreUnavailable
 from extproc.vector_index import open_vector_index
 
 NAME = "semantic_cache"
+log = logging.getLogger(__name__)
 LAYER = "semantic"
 
 
@@ -98,6 +100,7 @@ class SemanticCache:
         self.breaker = Breaker(NAME, settings.store_retry_seconds)
         self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
         self._encoding = asyncio.Lock()  # one encoding at a time per worker: it uses the cores already
+        self._tasks: set[asyncio.Task] = set()  # LRU touches in flight (bounded by hits in flight)
 
     @hookimpl
     async def extproc_startup(self, gateway):
@@ -201,11 +204,24 @@ class SemanticCache:
             if directives.max_age is not None and answer.age() > directives.max_age:
                 result = "stale"
                 continue
-            await self.index.touch(scope, entry_id)
+            self._background(self.index.touch(scope, entry_id))  # an LRU hint: not worth waiting for
             return serve(ctx, answer, status="semantic_hit", layer=LAYER, similarity=score,
                          prompt_tokens=self._prompt_tokens(ctx)), best
         note_lookup(ctx, LAYER, result)
         return None, best
+
+    def _background(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        exc = None if task.cancelled() else task.exception()
+        if isinstance(exc, StoreUnavailable):
+            self.breaker.failed(exc)
+        elif exc is not None:
+            log.warning("semantic_cache: background LRU touch failed: %r", exc)
 
     @staticmethod
     def _prompt_tokens(ctx) -> int | None:
