@@ -240,8 +240,9 @@ async def bench_retrieval(redis_url: str, n: int, client_counts: list[int]) -> N
             row("retrieval, 24 chunks, new question (1 embed)", clients,
                 await measure(fresh, max(20, n // 50), clients, 3))
 
-            async def uncached(i):
-                unique = [{"id": d["id"], "text": d["text"] + f"\n\nrun {i} {clients}"} for d in docs]
+            async def uncached(i):  # every chunk new: all 24 chunks and the question go through MiniLM
+                unique = [{"id": d["id"], "text": "\n\n".join(f"[run {i}/{clients}] {p}" for p in d["text"].split("\n\n"))}
+                          for d in docs]
                 await plugin.extproc_request_parsed(ctx_for(
                     {"model": "auto", "messages": [{"role": "user", "content": f"q {i}"}], "documents": unique}))
 
