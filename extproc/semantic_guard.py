@@ -50,7 +50,7 @@ _NEGATIONS = frozenset({"not", "no", "never", "none", "nobody", "nothing", "neit
 # Opposite pairs: each word maps to (pair id, side). Inflections listed explicitly.
 _OPPOSITES = [
     ("advantage advantages pro pros benefit benefits upside upsides", "disadvantage disadvantages con cons drawback drawbacks downside downsides"),
-    ("largest biggest largest greatest", "smallest tiniest least"),
+    ("largest biggest greatest", "smallest tiniest"),
     ("large big bigger larger", "small little smaller tiny"),
     ("highest tallest", "lowest shortest"),
     ("high higher tall taller", "low lower short shorter"),
@@ -108,11 +108,12 @@ _OPPOSITES = [
     ("rent renting", "own owning"),
     ("import_from", "export_to"),
 ]
-_CONTRAST: dict[str, tuple[int, int]] = {}
+# word -> every (pair, side) it belongs to ("lose" opposes both "gain" and "win").
+_CONTRAST: dict[str, frozenset[tuple[int, int]]] = {}
 for _i, (_a, _b) in enumerate(_OPPOSITES):
     for _side, _words in enumerate((_a, _b)):
         for _w in _words.split():
-            _CONTRAST.setdefault(_w, (_i, _side))
+            _CONTRAST[_w] = _CONTRAST.get(_w, frozenset()) | {(_i, _side)}
 _PHRASAL = re.compile(r"\b(zoom|log|sign|scale|turn|switch)\s+(in|out|up|down|on|off)\b", re.I)
 
 # Common words that start sentences capitalised without being names.
@@ -210,7 +211,7 @@ def features(text: str) -> Features:
         words.add(base)
         key = phrasal.get(m.start(), base)
         if key in _CONTRAST:
-            contrast.add(_CONTRAST[key])
+            contrast.update(_CONTRAST[key])
         if raw[0].isupper() and base not in _COMMON and base not in _NOT_NAMES:
             # A capitalised word is a name unless it merely starts a sentence; a sentence-initial
             # one counts too unless it is a contrast word. Over-detection is cheap: the check

@@ -19,6 +19,9 @@ from extproc.semantic_guard import GuardChecks, compatible
     ("What are the advantages of remote work?", "What are the disadvantages of remote work?", "contrast"),
     ("What is the largest ocean on Earth?", "What is the smallest ocean on Earth?", "contrast"),
     ("How do I zoom in on a Mac?", "How do I zoom out on a Mac?", "contrast"),
+    ("What is the most popular language?", "What is the least popular language?", "contrast"),
+    ("Best foods to gain weight", "Best foods to lose weight", "contrast"),
+    ("Did the team win?", "Did the team lose?", "contrast"),  # a word may oppose several (gain, win)
     ("How do I convert kilograms to pounds?", "How do I convert pounds to kilograms?", "direction"),
     ("How do I convert a string to a list in Python?", "How do I convert a list to a string in Python?", "direction"),
 ])
@@ -41,3 +44,12 @@ def test_near_misses_are_rejected_by_the_right_check(a, b, check):
 ])
 def test_paraphrases_pass(a, b):
     assert compatible(a, b) == (True, "")
+
+
+def test_a_word_opposes_every_word_it_is_listed_against():
+    from extproc.semantic_guard import _CONTRAST, _OPPOSITES
+
+    for i, (a, b) in enumerate(_OPPOSITES):
+        for side, words in enumerate((a, b)):
+            for w in words.split():
+                assert (i, side) in _CONTRAST[w], w
