@@ -174,6 +174,7 @@ def serve_workers(config: GatewayConfig, *, on_ready=None) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    log.info("starting %d worker(s) on %s:%d", workers, config.server.host, port)
     for index in range(workers):
         ready = ctx.Event()
         proc = ctx.Process(target=_worker_main, args=(config, ready, index), daemon=False)

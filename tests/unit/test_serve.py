@@ -42,7 +42,9 @@ def test_sigterm_during_start_up_still_exits_cleanly():
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "extproc", "serve", "--port", str(port), "--workers", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    time.sleep(0.3)  # the workers are still importing
+    for line in proc.stdout:  # the parent has its handlers; the workers are still importing
+        if "starting 2 worker(s)" in line:
+            break
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
