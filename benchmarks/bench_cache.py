@@ -9,7 +9,7 @@ Starts Triton (the CPU tiers), the ext_proc service (2 workers) and Envoy with
 * **exact hit, Redis state**: the same deterministic request, answered from the exact cache;
 * **exact hit, memory state**: the same with ``state.redis_url`` unset (the service restarted);
 * **semantic hit, Redis state**: paraphrases of stored questions, each lookup embedding its text
-  afresh (``embedding_cache_size: 0``: no embedding is reused), so every request pays exact miss +
+  afresh (``reuse_embeddings: false``: no embedding is reused), so every request pays exact miss +
   MiniLM encoding + vector search + answer fetch. The paraphrases are the positive pairs of
   ``benchmarks/data/semantic_pairs.jsonl`` whose ``a`` was stored and whose ``b`` hits.
 
@@ -60,7 +60,7 @@ def write_config(path: Path, redis_url: str | None) -> Path:
         "plugins": [
             {"name": "model_tiers"},
             {"name": "exact_cache", "on_error": "fail_open"},
-            {"name": "semantic_cache", "on_error": "fail_open", "settings": {"embedding_cache_size": 0}},
+            {"name": "semantic_cache", "on_error": "fail_open", "settings": {"reuse_embeddings": False}},
             {"name": "coalescing", "on_error": "fail_open"},
         ],
         "state": {"redis_url": redis_url, "key_prefix": "bench-cache:"},
@@ -150,7 +150,7 @@ async def in_process(redis_url: str, rounds: int) -> dict:
 
     cfg = load_config(None, overrides={
         "plugins": [{"name": "model_tiers"}, {"name": "exact_cache"},
-                    {"name": "semantic_cache", "settings": {"embedding_cache_size": 0}}],
+                    {"name": "semantic_cache", "settings": {"reuse_embeddings": False}}],
         "state": {"redis_url": redis_url, "key_prefix": "bench-inproc:"}})
     out: dict[str, list[float]] = {"exact hit": [], "semantic hit": [], "semantic miss": []}
     async with GatewayHarness(config=cfg) as gw:

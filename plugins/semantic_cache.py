@@ -1,7 +1,9 @@
 """Semantic cache: a request that *means* the same as a stored one is answered with its answer.
 
 The text that matters (``mode``: the last user turn, or the whole conversation) is embedded with
-all-MiniLM-L6-v2 (:func:`extproc.embeddings.get_encoder`, NumPy, off the event loop) and compared by
+all-MiniLM-L6-v2 (the worker's embedder, :func:`extproc.routing.prompt_embedder`: NumPy, off the event
+loop, concurrent lookups batched, recent texts cached, and the routers' embedding of the same last
+user turn reused rather than computed twice) and compared by
 cosine similarity with the entries of its *scope*: everything else must be identical (tenant, tier,
 model, system prompt and earlier turns, sampling parameters; see
 :func:`extproc.cache_keys.semantic_parts`), so a different system prompt, model, tier, tenant or
@@ -26,17 +28,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from extproc import tokens
+from extproc import routing, tokens
 from extproc.breaker import Breaker
 from extproc.cache_control import CacheTTL, parse_cache_headers
-from extproc.cache_keys import Normalization, deterministic, fingerprint, semantic_parts
+from extproc.cache_keys import Normalization, deterministic, fingerprint, normalize_text, semantic_parts
 from extproc.cached_answer import AnswerCapture, CachedAnswer, note_bypass, note_lookup, note_miss, serve
 from extproc.hookspecs import hookimpl
 from extproc.semantic_guard import GuardChecks, compatible
@@ -86,7 +87,8 @@ class SemanticCache:
         max_per_scope: int = Field(256, ge=1, le=4096)
         max_vectors: int = Field(50_000, ge=1, description="vectors held per worker (memory index or mirror)")
         dedupe_above: float = Field(0.995, ge=0, le=1, description="a miss this close to an entry is not stored again")
-        embedding_cache_size: int = Field(1024, ge=0, description="texts whose embedding a worker remembers")
+        reuse_embeddings: bool = Field(True, description="use the worker's embedding cache (shared with the "
+                                       "routers); false: encode every lookup afresh (benchmarks)")
         max_answer_bytes: int = Field(256 * 1024, gt=0)
         memory_max_bytes: int = Field(64 * 1024 * 1024, gt=0)
         store_retry_seconds: float = Field(1.0, gt=0)
@@ -96,23 +98,21 @@ class SemanticCache:
         self.checks = GuardChecks(**settings.guard.model_dump())
         self.store = None
         self.index = None
-        self.encoder = None
+        self.encoder = None  # the worker's embedder (extproc.routing.prompt_embedder), once loaded
         self.breaker = Breaker(NAME, settings.store_retry_seconds)
-        self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._encoding = asyncio.Lock()  # one encoding at a time per worker: it uses the cores already
         self._tasks: set[asyncio.Task] = set()  # LRU touches in flight (bounded by hits in flight)
 
     @hookimpl
     async def extproc_startup(self, gateway):
-        from extproc.embeddings import get_encoder
-
         s = self.settings
         store = gateway.store
         self.store = MemoryStore(max_bytes=s.memory_max_bytes) if isinstance(store, MemoryStore) else store
         self.index = open_vector_index(store, max_per_scope=s.max_per_scope, max_vectors=s.max_vectors,
                                        scope_ttl=max(s.ttl.default_seconds, s.ttl.max_seconds))
-        self.encoder = await asyncio.to_thread(get_encoder)
-        await asyncio.to_thread(self.encoder.encode, "warm up")
+        embedder = routing.prompt_embedder()
+        await asyncio.to_thread(embedder.load)
+        await embedder.batcher.encode("warm up")
+        self.encoder = embedder
         for encoding in {tier.tokenizer for tier in gateway.tiers.tiers.values()}:  # for hits' usage
             try:
                 await asyncio.to_thread(tokens.get_encoding, encoding)
@@ -120,18 +120,19 @@ class SemanticCache:
                 pass
 
     async def embed(self, ctx, text: str) -> np.ndarray:
-        """The text's embedding (remembered for recently seen texts), computed off the event loop."""
-        vector = self._vectors.get(text)
-        if vector is not None:
-            self._vectors.move_to_end(text)
+        """The text's embedding, computed off the event loop by the worker's embedder (one thread,
+        concurrent lookups batched). When the routers already embedded the same text for this
+        request (the last user turn), that embedding is reused: no second encoding."""
+        embedder = self.encoder
+        if not self.settings.reuse_embeddings:
+            vector = await embedder.batcher.encode(text)
+            ctx.embedding_calls += 1
             return vector
-        async with self._encoding:
-            vector = (await asyncio.to_thread(self.encoder.encode, text))[0]
-        ctx.embedding_calls += 1
-        if self.settings.embedding_cache_size:
-            self._vectors[text] = vector
-            while len(self._vectors) > self.settings.embedding_cache_size:
-                self._vectors.popitem(last=False)
+        if normalize_text(routing.route_text(ctx), self.settings.normalization) == text:
+            return await routing.prompt_embedding(ctx, embedder)
+        vector, computed = await embedder.embed_text(text)
+        if computed:
+            ctx.embedding_calls += 1
         return vector
 
     @hookimpl

@@ -112,11 +112,12 @@ async def test_expired_answer_drops_its_vector():
 
 async def test_encoder_unavailable_with_fail_open_disables_the_policy(monkeypatch):
     import extproc.embeddings as emb
+    from extproc import routing
 
     def missing():
         raise emb.ModelNotFoundError("no weights here")
 
-    monkeypatch.setattr(emb, "get_encoder", missing)
+    monkeypatch.setattr(routing, "prompt_embedder", lambda: routing.PromptEmbedder(missing))
     async with harness(SemanticCache, on_error="fail_open") as gw:
         result = await gw.send(chat_body("What is the capital of France?"), answer="Paris")
     assert result.status == 200 and result.ctx.cache_lookups == [("semantic", "unavailable")]
@@ -131,3 +132,26 @@ async def test_completions_prompts_are_matched_by_meaning():
         await gw.send({**base, "prompt": "What is the capital of France?"}, path="/v1/completions", answer="Paris")
         hit = await gw.send({**base, "prompt": "Which city is the capital of France?"}, path="/v1/completions")
     assert hit.replied and hit.json()["object"] == "text_completion" and content(hit) == "Paris"
+
+
+async def test_the_routers_embedding_of_the_same_turn_is_reused_not_computed_again():
+    from extproc import routing
+    from extproc.hookspecs import hookimpl
+
+    class Router:  # stands for semantic_routes / learned_router, which embed the last user turn
+        @hookimpl
+        async def extproc_request_parsed(self, ctx):
+            await routing.prompt_embedding(ctx)
+
+    async with GatewayHarness(Router, SemanticCache, config=config()) as gw:
+        first = await gw.send(chat_body("What is the tallest building in Europe today?"), answer="x")
+        hit = await gw.send(chat_body("Which building is the tallest in Europe today?"))
+    assert first.ctx.embedding_calls == 1 and hit.replied and hit.ctx.embedding_calls == 1
+
+
+async def test_reuse_embeddings_off_encodes_every_lookup():
+    async with harness(SemanticCache, {"reuse_embeddings": False}) as gw:
+        await gw.send(chat_body("What is the capital of France?"), answer="Paris")
+        again = await gw.send(chat_body("Which city is the capital of France?"))
+        again2 = await gw.send(chat_body("Which city is the capital of France?"))
+    assert again.ctx.embedding_calls == again2.ctx.embedding_calls == 1 and again2.replied
