@@ -181,6 +181,8 @@ def serve_workers(config: GatewayConfig, *, on_ready=None) -> int:
         proc.start()
         procs.append(proc)
         events.append(ready)
+    if stopping:  # a signal came while the workers were being started: make sure all of them hear it
+        forward(signal.SIGTERM, None)
 
     deadline = time.monotonic() + 60
     while not all(e.is_set() for e in events) and not stopping:
