@@ -226,16 +226,18 @@ def case_a(args, work: Path, stub_port: int) -> Case:
 
 
 def extproc_config(work: Path, workers: int, plugins: list[str]) -> Path:
-    """A service configuration whose only tier is the stub, as tier `passthrough`."""
+    """The embedded default configuration (its tiers and its plugins, in order) plus the stub as
+    tier `passthrough` (alias `stub`); ``plugins`` replaces the plugin list when given."""
     import yaml
 
-    cfg = {
-        "server": {"host": "127.0.0.1", "workers": workers},
-        "tiers": {"passthrough": {"model": UPSTREAM_MODEL, "kind": "openai",
-                                  "cluster": "tier_passthrough", "aliases": [MODEL_ALIAS]}},
-        "default_tier": "passthrough",
-        "plugins": [{"name": p} for p in plugins],
-    }
+    from extproc.config import default_config_text
+
+    cfg = yaml.safe_load(default_config_text())
+    cfg["server"].update({"host": "127.0.0.1", "workers": workers, "log_level": "warning"})
+    cfg["tiers"]["passthrough"] = {"model": UPSTREAM_MODEL, "kind": "openai",
+                                   "cluster": "tier_passthrough", "aliases": [MODEL_ALIAS]}
+    if plugins:
+        cfg["plugins"] = [{"name": p} for p in plugins]
     path = work / "extproc-bench.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -397,8 +399,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="service start command; placeholders {bindir} {python} {config} {port} {workers}")
     ap.add_argument("--extproc-config", help="service config (default: generated, tier passthrough -> stub)")
     ap.add_argument("--extproc-workers", type=int, default=2)
-    ap.add_argument("--plugins", default="model_tiers,request_log",
-                    help="plugins of the generated service config (the default config's)")
+    ap.add_argument("--plugins", default="",
+                    help="comma-separated plugins for the service instead of the default config's")
     ap.add_argument("--litellm-venv", default="/tmp/litellm-venv")
     ap.add_argument("--no-install", action="store_true", help="never pip-install litellm")
     ap.add_argument("--work-dir", help="logs and rendered configs (default: a temp dir)")
