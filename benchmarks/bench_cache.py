@@ -6,6 +6,8 @@ Starts Triton (the CPU tiers), the ext_proc service (2 workers) and Envoy with
 ``exact_cache``, ``semantic_cache`` and ``coalescing`` configured, and a Redis of its own; then, with
 ``wrk -t1 -c1 --latency`` (``benchmarks/wrk/bodies.lua``), for ``--duration`` seconds each:
 
+* **floor**: a request the service refuses at the request body (400, no policy work): what any
+  answer from the request phase costs through Envoy and the ext_proc hop;
 * **exact hit, Redis state**: the same deterministic request, answered from the exact cache;
 * **exact hit, memory state**: the same with ``state.redis_url`` unset (the service restarted);
 * **semantic hit, Redis state**: paraphrases of stored questions, each lookup embedding its text
@@ -190,6 +192,9 @@ def main(argv=None) -> int:
         port = stack.ports.listen
         print(f"stack up in {time.monotonic() - t0:.1f}s (Triton, service x2, Envoy); Redis {redis_url}", flush=True)
 
+        floor = json.dumps({"model": "small", "temperature": 0}).encode()  # 400 (no messages) at parse
+        results["floor: a 400 answered at request body"] = wrk(port, [floor], args.duration, work)
+
         exact = body("Say hello in five words.")
         until_hits(port, exact, "hit")
         results["exact hit, Redis state"] = wrk(port, [exact], args.duration, work)
@@ -215,10 +220,11 @@ def main(argv=None) -> int:
 
     print(f"\nwrk -t1 -c1 -d{int(args.duration)}s through Envoy + ext_proc (2 workers); load average "
           f"before {results['load_before'][0]:.2f}, after {results['load_after'][0]:.2f} (2 shared vCPUs)")
-    print(f"{'case':<28} {'requests':>9} {'non-2xx':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'mean ms':>8}")
-    for name in ("exact hit, Redis state", "exact hit, memory state", "semantic hit, Redis state"):
+    print(f"{'case':<38} {'requests':>9} {'non-2xx':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'mean ms':>8}")
+    for name in ("floor: a 400 answered at request body", "exact hit, Redis state", "exact hit, memory state",
+                 "semantic hit, Redis state"):
         r = results[name]
-        print(f"{name:<28} {r['requests']:>9} {r['errors_status']:>8} {r['p50_us'] / 1000:>8.3f} "
+        print(f"{name:<38} {r['requests']:>9} {r['errors_status']:>8} {r['p50_us'] / 1000:>8.3f} "
               f"{r['p90_us'] / 1000:>8.3f} {r['p99_us'] / 1000:>8.3f} {r['lat_mean_us'] / 1000:>8.3f}")
     print("\nin process, the policies' own lookup time (ctx.timings_ms), Redis state:")
     for name, r in results["in process (Redis)"].items():
