@@ -76,6 +76,8 @@ class LearnedRouter:
     async def extproc_choose_tier(self, ctx, candidates):
         if not routing.is_auto(self.registry, ctx):
             return None
+        if self.model is None:
+            raise RuntimeError("learned_router has no model: its start-up failed (see the log)")
         vector = await routing.prompt_embedding(ctx, self.embedder)
         label, probs = self.model.decide(vector, await routing.prompt_tokens_async(ctx))
         wanted = self.label_tier[label]

@@ -104,6 +104,8 @@ class SemanticRoutes:
     async def extproc_choose_tier(self, ctx, candidates):
         if not routing.is_auto(self.registry, ctx):
             return None
+        if not self.examples:
+            raise RuntimeError("semantic_routes has no examples: its start-up failed (see the log)")
         vector = await routing.prompt_embedding(ctx, self.embedder)
         return self._decide(ctx, candidates, vector)
 

@@ -125,3 +125,18 @@ async def test_encoder_failure_follows_the_failure_policy(monkeypatch, on_error)
     else:  # the request goes on without the policy, flagged
         assert r.status == 200 and tier(r) == "small"
         assert r.headers["x-extproc-degraded"] == "semantic_routes"
+
+
+async def test_a_fail_open_policy_whose_start_up_failed_is_flagged_on_every_auto_request():
+    from extproc.config import PluginEntry
+
+    cfg = config_with().model_copy(update={"plugins": [
+        PluginEntry(name="semantic_routes", on_error="fail_open", settings={"routes_file": "/nonexistent.yaml"}),
+        PluginEntry(name="learned_router", on_error="fail_open", settings={"model_path": "/nonexistent.json"}),
+        PluginEntry(name="model_tiers")]})
+    async with GatewayHarness(config=cfg) as gw:  # start-up failures are logged, the worker serves
+        r = await gw.chat("Prove this theorem.")
+        pinned = await gw.chat("Prove this theorem.", model="large")
+    assert r.status == 200 and tier(r) == "small"
+    assert r.headers["x-extproc-degraded"] == "semantic_routes,learned_router"
+    assert "x-extproc-degraded" not in pinned.headers
