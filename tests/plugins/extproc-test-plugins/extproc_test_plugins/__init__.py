@@ -44,3 +44,20 @@ class SoftBudgetMarker:
         if ctx.headers.get("x-test-over-soft-budget") == "1":
             ctx.over_soft_budget = True
             ctx.budget_status = "soft_limit"
+
+
+class SlowComplete:
+    """Waits in ``extproc_response_complete`` when a message contains ``slow-complete-<seconds>s``:
+    a request whose answer takes longer than Envoy's 2 s per-message timeout to finish (the caching
+    tests use it as a slow coalescing leader)."""
+
+    @hookimpl
+    async def extproc_response_complete(self, ctx):
+        import asyncio
+        import re
+
+        for m in ctx.request.messages or []:
+            found = re.search(r"slow-complete-(\d+(?:\.\d+)?)s", m.text)
+            if found:
+                await asyncio.sleep(float(found.group(1)))
+                return
