@@ -245,7 +245,8 @@ def test_remaining_budget_exact_after_aborted_streams(gateways):
         completed += c.chat.completions.create(model="small", max_tokens=4,
                                                messages=[{"role": "user", "content": f"ok {i}"}]).usage.total_tokens
     for i in range(5):
-        stream = c.chat.completions.create(model="large", max_tokens=64, stream=True,
+        # Long enough (~1 s on the large CPU tier) that the hang-up always lands mid-stream.
+        stream = c.chat.completions.create(model="large", max_tokens=300, stream=True,
                                            messages=[{"role": "user", "content": f"write a long story {i}"}])
         next(iter(stream))
         stream.close()  # the client hangs up mid-stream
