@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import time
 import threading
 import urllib.request
 from pathlib import Path
@@ -106,6 +107,20 @@ def triton_counts(stack) -> dict[str, int]:
     return out
 
 
+def settled_counts(stack, before: dict[str, int], *, expect_moved: bool) -> dict[str, int]:
+    """Triton counts once they stop moving: a decoupled model counts a success at its final
+    flag, which can land a moment after the client has its answer."""
+    after = triton_counts(stack)
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        again = triton_counts(stack)
+        if again == after and (not expect_moved or again != before):
+            break
+        after = again
+    return after
+
+
 def ask(client, prompt, *, model="auto", headers=None, **extra):
     """One chat completion; returns (status, response headers, body dict)."""
     try:
@@ -121,7 +136,7 @@ def landed(routing, client, prompt, **kwargs):
     """Send and return (status, tier header, reason header, body, {model: Triton count delta})."""
     before = triton_counts(routing["stack"])
     status, headers, body = ask(client, prompt, **kwargs)
-    after = triton_counts(routing["stack"])
+    after = settled_counts(routing["stack"], before, expect_moved=status == 200)
     moved = {m: after[m] - before[m] for m in after if after[m] != before[m]}
     return status, headers.get("x-extproc-tier"), headers.get("x-extproc-tier-reason"), body, moved
 
