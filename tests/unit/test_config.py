@@ -18,7 +18,8 @@ def test_embedded_default_is_valid_and_loads_the_default_plugins():
     config = load_config(None)
     assert config.default_tier == "small"
     routing = ["route_rules", "semantic_routes", "learned_router", "budget_downgrade", "load_spill"]
-    assert Gateway(config).plugin_names == [*routing, "model_tiers", "request_log", "usage_records", "metrics"]
+    assert Gateway(config).plugin_names == [*routing, "model_tiers", "idempotency", "exact_cache", "coalescing",
+                                            "request_log", "usage_records", "metrics"]
 
 
 def test_omitted_plugins_list_means_default_plugins():
