@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -87,7 +88,7 @@ class AnswerCapture:
     """Collects the answer sent to the client, chunk by chunk, within a byte bound."""
 
     __slots__ = ("endpoint", "stream", "max_bytes", "reason", "_size", "_buffer", "_parser",
-                 "_parts", "_finish", "_model", "_id", "_created", "_usage")
+                 "_parts", "_finish", "_model", "_id", "_created", "_usage", "fed_index", "_result")
 
     def __init__(self, endpoint: str, stream: bool, max_bytes: int = 256 * 1024):
         self.endpoint, self.stream, self.max_bytes = endpoint, stream, max_bytes
@@ -101,6 +102,13 @@ class AnswerCapture:
         self._id = ""
         self._created = 0
         self._usage: oai.Usage | None = None
+        self.fed_index = 0  # the last ResponseChunk.index fed (see feed_shared_capture)
+        self._result: CachedAnswer | None = None
+
+    @property
+    def size(self) -> int:
+        """Bytes of the answer seen so far."""
+        return self._size
 
     def feed(self, data: bytes) -> None:
         """One chunk of what the client receives (the JSON body, or SSE bytes)."""
@@ -171,8 +179,19 @@ class AnswerCapture:
         if choice.get("finish_reason"):
             self._finish = choice["finish_reason"]
 
-    def result(self, usage: oai.Usage | None = None) -> "CachedAnswer | None":
-        """The complete answer, or None (``reason`` says why). ``usage``: the gateway's count."""
+    def result(self, usage: oai.Usage | None = None, *, max_bytes: int | None = None) -> "CachedAnswer | None":
+        """The complete answer, or None (``reason`` says why). ``usage``: the gateway's count.
+
+        Every call returns a fresh copy (callers annotate it); the parsing is done once.
+        ``max_bytes``: None also when the answer is larger than this caller accepts.
+        """
+        if self.reason is not None or (max_bytes is not None and self._size > max_bytes):
+            return None
+        if self._result is None:
+            self._result = self._complete(usage)
+        return dataclasses.replace(self._result) if self._result is not None else None
+
+    def _complete(self, usage: oai.Usage | None) -> "CachedAnswer | None":
         if self.reason is not None:
             return None
         if self._parser is None:
@@ -215,6 +234,33 @@ class AnswerCapture:
             return None
         return CachedAnswer(self.endpoint, self._model, "".join(self._parts), self._finish,
                             usage.prompt_tokens, usage.completion_tokens, self._id, self._created)
+
+
+_SHARED = "_answer_capture"
+
+
+def shared_capture(ctx, max_bytes: int) -> AnswerCapture:
+    """The request's one :class:`AnswerCapture`, shared by every policy that keeps the answer.
+
+    Each policy asks for it in its request phase (the largest bound asked for applies; each
+    passes its own to :meth:`AnswerCapture.result`), feeds it with :func:`feed_shared_capture` from
+    ``extproc_response_chunk`` (a chunk is parsed once, however many policies feed it), and reads
+    ``result(ctx.usage, max_bytes=...)`` on completion.
+    """
+    capture = ctx.plugin_state.get(_SHARED)
+    if capture is None:
+        capture = ctx.plugin_state[_SHARED] = AnswerCapture(ctx.endpoint, ctx.stream, max_bytes)
+    elif max_bytes > capture.max_bytes:
+        capture.max_bytes = max_bytes
+    return capture
+
+
+def feed_shared_capture(ctx, chunk) -> None:
+    """Feed a response chunk to the request's shared capture, once whoever calls first."""
+    capture = ctx.plugin_state.get(_SHARED)
+    if capture is not None and chunk.index > capture.fed_index:
+        capture.fed_index = chunk.index
+        capture.feed(chunk.data)
 
 
 def render(answer: CachedAnswer, *, stream: bool, include_usage: bool = False, completion_id: str | None = None,

@@ -43,7 +43,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from extproc.breaker import Breaker
 from extproc.cache_control import parse_cache_headers
 from extproc.cache_keys import Normalization, deterministic, exact_key_parts, fingerprint
-from extproc.cached_answer import AnswerCapture, CachedAnswer, note_bypass, note_lookup, note_miss, serve
+from extproc.cached_answer import (
+    AnswerCapture, CachedAnswer, feed_shared_capture, note_bypass, note_lookup, note_miss, serve,
+    shared_capture,
+)
 from extproc.hookspecs import hookimpl
 from extproc.state import MemoryStore, StoreUnavailable
 
@@ -148,7 +151,7 @@ class Coalescing:
                 await self._publish(flight, RETRY)
                 raise
             if outcome == "lead":
-                flight.capture = AnswerCapture(ctx.endpoint, ctx.stream, s.max_answer_bytes)
+                flight.capture = shared_capture(ctx, s.max_answer_bytes)
                 ctx.plugin_state[NAME] = flight
                 note_lookup(ctx, LAYER, "leader")
                 note_miss(ctx)
@@ -259,14 +262,14 @@ class Coalescing:
     def extproc_response_chunk(self, ctx, chunk):
         flight = ctx.plugin_state.get(NAME)
         if flight is not None:
-            flight.capture.feed(chunk.data)
+            feed_shared_capture(ctx, chunk)
 
     @hookimpl
     async def extproc_response_complete(self, ctx):
         flight = ctx.plugin_state.get(NAME)
         if flight is None or ctx.response_status != 200:
             return
-        answer = flight.capture.result(ctx.usage)
+        answer = flight.capture.result(ctx.usage, max_bytes=self.settings.max_answer_bytes)
         if answer is not None:
             answer.stored_at = time.time()
             answer.tier = ctx.tier

@@ -32,7 +32,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from extproc.breaker import Breaker
 from extproc.cache_control import CacheTTL, parse_cache_headers
 from extproc.cache_keys import Normalization, deterministic, exact_key_parts, fingerprint
-from extproc.cached_answer import AnswerCapture, CachedAnswer, note_bypass, note_lookup, note_miss, serve
+from extproc.cached_answer import (
+    AnswerCapture, CachedAnswer, feed_shared_capture, note_bypass, note_lookup, note_miss, serve,
+    shared_capture,
+)
 from extproc.hookspecs import hookimpl
 from extproc.state import MemoryStore, StoreUnavailable
 
@@ -119,7 +122,7 @@ class ExactCache:
             note_miss(ctx)
         ttl = s.ttl.resolve(path=ctx.path, workflow=ctx.workflow, tenant=ctx.tenant, directives=directives)
         if ttl > 0:
-            ctx.plugin_state[NAME] = _Pending(key, ttl, AnswerCapture(ctx.endpoint, ctx.stream, s.max_answer_bytes))
+            ctx.plugin_state[NAME] = _Pending(key, ttl, shared_capture(ctx, s.max_answer_bytes))
         ctx.timings_ms[NAME] = (time.perf_counter() - started) * 1000.0
         return None
 
@@ -147,14 +150,14 @@ class ExactCache:
     def extproc_response_chunk(self, ctx, chunk):
         pending = ctx.plugin_state.get(NAME)
         if pending is not None:
-            pending.capture.feed(chunk.data)
+            feed_shared_capture(ctx, chunk)
 
     @hookimpl
     async def extproc_response_complete(self, ctx):
         pending = ctx.plugin_state.pop(NAME, None)
         if pending is None or ctx.response_status != 200 or self.breaker.open:
             return
-        answer = pending.capture.result(ctx.usage)
+        answer = pending.capture.result(ctx.usage, max_bytes=self.settings.max_answer_bytes)
         if answer is None or answer.finish_reason not in self.settings.store_finish_reasons:
             return
         answer.stored_at = time.time()

@@ -33,7 +33,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from extproc.breaker import Breaker
 from extproc.cache_keys import body_hash, fingerprint
-from extproc.cached_answer import AnswerCapture, CachedAnswer, note_lookup, serve
+from extproc.cached_answer import (
+    AnswerCapture, CachedAnswer, feed_shared_capture, note_lookup, serve, shared_capture,
+)
 from extproc.hookspecs import hookimpl
 from extproc.openai_format import OpenAIError
 from extproc.state import MemoryStore, StoreUnavailable
@@ -108,8 +110,7 @@ class Idempotency:
                 if record is None:
                     if await self.store.set_nx(record_key, claim, self.settings.pending_ttl_seconds):
                         self.breaker.ok()
-                        ctx.plugin_state[NAME] = _Claim(record_key, claim, digest, AnswerCapture(
-                            ctx.endpoint, ctx.stream, self.settings.max_answer_bytes))
+                        ctx.plugin_state[NAME] = _Claim(record_key, claim, digest, shared_capture(ctx, self.settings.max_answer_bytes))
                         note_lookup(ctx, LAYER, "new")
                         return None
                     continue  # claimed by someone else just now: read it
@@ -154,14 +155,14 @@ class Idempotency:
     def extproc_response_chunk(self, ctx, chunk):
         claim = ctx.plugin_state.get(NAME)
         if claim is not None:
-            claim.capture.feed(chunk.data)
+            feed_shared_capture(ctx, chunk)
 
     @hookimpl
     async def extproc_response_complete(self, ctx):
         claim = ctx.plugin_state.get(NAME)
         if claim is None or ctx.response_status != 200:
             return
-        answer = claim.capture.result(ctx.usage)
+        answer = claim.capture.result(ctx.usage, max_bytes=self.settings.max_answer_bytes)
         if answer is None:
             return
         answer.stored_at = time.time()

@@ -38,7 +38,10 @@ from extproc import routing, tokens
 from extproc.breaker import Breaker
 from extproc.cache_control import CacheTTL, parse_cache_headers
 from extproc.cache_keys import Normalization, deterministic, fingerprint, normalize_text, semantic_parts
-from extproc.cached_answer import AnswerCapture, CachedAnswer, note_bypass, note_lookup, note_miss, serve
+from extproc.cached_answer import (
+    AnswerCapture, CachedAnswer, feed_shared_capture, note_bypass, note_lookup, note_miss, serve,
+    shared_capture,
+)
 from extproc.hookspecs import hookimpl
 from extproc.semantic_guard import GuardChecks, compatible
 from extproc.state import MemoryStore, StoreUnavailable
@@ -180,7 +183,7 @@ class SemanticCache:
             note_miss(ctx)
         if ttl > 0 and best < s.dedupe_above:
             ctx.plugin_state[NAME] = _Pending(scope, text, vector, ttl,
-                                              AnswerCapture(ctx.endpoint, ctx.stream, s.max_answer_bytes))
+                                              shared_capture(ctx, s.max_answer_bytes))
         return None
 
     async def _lookup(self, ctx, scope: str, text: str, vector: np.ndarray, directives):
@@ -241,14 +244,14 @@ class SemanticCache:
     def extproc_response_chunk(self, ctx, chunk):
         pending = ctx.plugin_state.get(NAME)
         if pending is not None:
-            pending.capture.feed(chunk.data)
+            feed_shared_capture(ctx, chunk)
 
     @hookimpl
     async def extproc_response_complete(self, ctx):
         pending = ctx.plugin_state.pop(NAME, None)
         if pending is None or ctx.response_status != 200 or self.breaker.open:
             return
-        answer = pending.capture.result(ctx.usage)
+        answer = pending.capture.result(ctx.usage, max_bytes=self.settings.max_answer_bytes)
         if answer is None or answer.finish_reason not in self.settings.store_finish_reasons:
             return
         answer.stored_at = time.time()

@@ -142,3 +142,24 @@ def test_serve_records_savings_and_headers():
     assert ctx.response_headers["x-extproc-cache"] == "semantic_hit"
     assert ctx.response_headers["x-extproc-cache-similarity"] == "0.9346"
     assert int(ctx.response_headers["age"]) > 0
+
+
+def test_shared_capture_parses_each_chunk_once_for_every_policy():
+    """Four storing policies on one request share one capture: each chunk is parsed once."""
+    from extproc.cached_answer import feed_shared_capture, shared_capture
+    from extproc.context import RequestContext, ResponseChunk
+    from extproc.openai_format import Usage
+
+    ctx = RequestContext("r", "POST", "/v1/chat/completions", {}, endpoint="chat")
+    first = shared_capture(ctx, 1000)
+    assert shared_capture(ctx, 5000) is first and first.max_bytes == 5000
+    body = (b'{"id":"c","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,'
+            b'"message":{"role":"assistant","content":"hello"},"finish_reason":"stop"}],'
+            b'"usage":{"prompt_tokens":2,"completion_tokens":1,"total_tokens":3}}')
+    chunk = ResponseChunk("hello", body, 1)
+    for _ in range(4):  # every policy's extproc_response_chunk feeds it
+        feed_shared_capture(ctx, chunk)
+    assert first.size == len(body)
+    a, b = first.result(Usage(2, 1)), first.result(Usage(2, 1))
+    assert a.text == "hello" and a == b and a is not b  # one parse, a copy per caller
+    assert first.result(Usage(2, 1), max_bytes=10) is None  # too large for this caller
