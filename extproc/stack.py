@@ -147,6 +147,7 @@ class Stack:
     envoy_yaml: Path | None = None
     triton_models: Path | None = None
     with_triton: bool = True
+    triton_env: dict | None = None  # extra environment for Triton (e.g. the reference tiers' knobs)
     metrics_port: int | None = None  # the service's Prometheus /metrics port; None: as its config says
     triton: TritonProcess | None = None
     service: ManagedProcess | None = None
@@ -168,7 +169,7 @@ class Stack:
                 self.triton = TritonProcess(
                     self.triton_models, http_port=self.ports.triton_http, grpc_port=self.ports.triton_grpc,
                     metrics_port=self.ports.triton_metrics, work_dir=self.work_dir / "triton",
-                    log_path=logs / "triton.log", models=list(self.models),
+                    log_path=logs / "triton.log", models=list(self.models), env=self.triton_env,
                 )
                 self.triton.start()
             self.start_service()

@@ -11,8 +11,9 @@ that); if every alternative is busy too, the choice stands (spilling would only 
 maps a tier to the ``model`` label its metrics carry; default: the tier's ``model``). The
 defaults cover Triton's scheduler queue (``nv_inference_pending_request_count``) and TensorRT-LLM's
 in-flight batcher queue (``nv_trt_llm_request_metrics{request_type="waiting"}``; its label is
-the ``tensorrt_llm`` model, so map the tier to it). Decoupled backends hand requests over at
-once, so ``pending`` alone stays at 0 for them: add the backend's own gauge.
+the ``tensorrt_llm`` model, so map the tier to it) and the CPU reference tiers' own queue
+(``reference_llm_waiting_requests``). Decoupled backends take every request at once, so
+``pending`` alone stays at 0 for them: their own gauge is what shows the queue.
 
 **Failures fail open, deliberately**: metrics that cannot be read (Triton down, timeout, bad
 text) leave the choice as it is and say so in the trace; the failure is cached for ``max_age`` so
@@ -52,6 +53,7 @@ class LoadSpill:
         queue_metrics: list[str] = Field(default_factory=lambda: [
             "nv_inference_pending_request_count",
             'nv_trt_llm_request_metrics{request_type="waiting"}',
+            "reference_llm_waiting_requests",  # the CPU reference tiers' own queue
         ])
         models: dict[str, str] = Field(default_factory=dict, description="tier -> model label in the metrics")
         max_age: float = Field(1.0, gt=0, description="seconds a scrape is reused")

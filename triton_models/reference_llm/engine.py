@@ -133,6 +133,8 @@ class Engine:
         self.timings: collections.Counter = collections.Counter()  # seconds: prefill/decode/emit
         self.max_batch_seen = 0
         self.on_idle: Optional[Callable[[], None]] = None
+        #: called after each step while requests remain (keep it cheap: it runs on the engine thread)
+        self.on_busy_step: Optional[Callable[[], None]] = None
         #: called as on_error(exc, callback) for each request dropped because of an engine error
         self.on_error: Optional[Callable[[BaseException, EventCallback], None]] = None
 
@@ -149,6 +151,10 @@ class Engine:
     @property
     def busy(self) -> bool:
         return bool(self._pending or self._active)
+
+    def queue_depths(self) -> tuple[int, int]:
+        """``(waiting, active)``: requests queued for a slot, and sequences being generated."""
+        return len(self._pending), len(self._active)
 
     # -- the loop ---------------------------------------------------------------------------
     def step(self) -> bool:
@@ -199,9 +205,10 @@ class Engine:
                 self.step()
             except BaseException as exc:  # keep serving; report through the adapter
                 self._fail_all(exc)
-            if not self.busy and self.on_idle is not None:
+            hook = self.on_idle if not self.busy else self.on_busy_step
+            if hook is not None:
                 try:
-                    self.on_idle()
+                    hook()
                 except Exception:
                     pass
 

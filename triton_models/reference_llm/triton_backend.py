@@ -28,6 +28,9 @@ import triton_python_backend_utils as pb_utils
 from .engine import DEFAULT_MAX_TOKENS, Engine, Event, GenRequest
 from .tokenizer import EOS_ID
 
+#: How stale the custom metrics (the queue gauges above all) may get while the engine is busy.
+METRICS_REFRESH_SECONDS = 0.2
+
 
 def _param(config: dict, key: str, default: str | None = None) -> str | None:
     v = config.get("parameters", {}).get(key)
@@ -168,6 +171,7 @@ class TritonPythonModel:
         self.engine = Engine(tier, max_active_sequences=max_active)
         self._out = _SendQueue(self.model_name)
         self.engine.on_idle = self._flush_metrics
+        self.engine.on_busy_step = self._flush_metrics_if_stale
         self.engine.on_error = self._on_engine_error
         self._init_metrics()
         self.engine.start()
@@ -191,6 +195,11 @@ class TritonPythonModel:
                 "prefills": ("reference_llm_prefills_total", "Prompts prefilled", "counter"),
                 "generated_tokens": ("reference_llm_generated_tokens_total", "Tokens generated", "counter"),
                 "max_batch": ("reference_llm_max_decode_batch", "Largest decode batch seen", "gauge"),
+                # The queue a load-aware router reads: a decoupled model takes every request at
+                # once, so Triton's own pending count stays 0 however loaded the engine is.
+                "waiting": ("reference_llm_waiting_requests",
+                            "Requests accepted but waiting for a free sequence slot", "gauge"),
+                "active": ("reference_llm_active_sequences", "Sequences being generated now", "gauge"),
                 "t_prefill": ("reference_llm_prefill_seconds_total", "Time spent in prefill forward passes", "counter"),
                 "t_decode": ("reference_llm_decode_seconds_total", "Time spent in batched decode forward passes", "counter"),
                 "t_emit": ("reference_llm_emit_seconds_total",
@@ -206,6 +215,11 @@ class TritonPythonModel:
             pb_utils.Logger.log_warn(f"{self.model_name}: custom metrics unavailable: {exc!r}")
             self._metrics = {}
 
+    def _flush_metrics_if_stale(self) -> None:
+        """While busy: refresh the metrics (the queue gauges) at most every METRICS_REFRESH_SECONDS."""
+        if self._metrics and time.monotonic() - self._last_flush > METRICS_REFRESH_SECONDS:
+            self._flush_metrics()
+
     def _flush_metrics(self) -> None:
         if not self._metrics:
             return
@@ -215,6 +229,7 @@ class TritonPythonModel:
     def _flush_metrics_locked(self) -> None:
         stats = dict(self.engine.stats)
         stats["max_batch"] = self.engine.max_batch_seen
+        stats["waiting"], stats["active"] = self.engine.queue_depths()
         for k, v in dict(self.engine.timings).items():
             stats["t_" + k] = v
         for key, (_fam, metric, kind) in self._metrics.items():
@@ -243,11 +258,7 @@ class TritonPythonModel:
                 self.engine.submit(gen, responder, responder.is_cancelled)
             except Exception as exc:  # bad input -> an error response, never a hang
                 _send_error(sender, str(exc))
-        # busy engines only flush metrics on idle; refresh them now and then while loaded
-        if self._metrics and time.monotonic() - self._last_flush > 1.0:
-            self._last_flush = time.monotonic()
-            threading.Thread(target=self._flush_metrics, daemon=True).start()
-        return None
+        return None  # the engine thread refreshes the metrics (on_busy_step / on_idle)
 
     def finalize(self) -> None:
         self.engine.stop()
