@@ -177,6 +177,10 @@ def remove_multiprocess_dir(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+#: Per-model gauges of backends that queue requests themselves (Triton's pending count stays 0 for them).
+BACKEND_QUEUES = ('nv_trt_llm_request_metrics{request_type="waiting"}', "reference_llm_waiting_requests")
+
+
 class TritonCollector:
     """Triton's per-tier queue depth, compute time and GPU memory, read at scrape time."""
 
@@ -198,7 +202,7 @@ class TritonCollector:
         up = GaugeMetricFamily("extproc_triton_up", "Whether Triton's metrics endpoint answered the last scrape.")
         try:
             with urllib.request.urlopen(self.url, timeout=self.timeout) as reply:
-                loads, gpu = parse_metrics(reply.read().decode("utf-8", "replace"))
+                loads, gpu = parse_metrics(reply.read().decode("utf-8", "replace"), BACKEND_QUEUES)
         except (OSError, ValueError, TritonMetricsError) as exc:
             log.debug("Triton metrics %s: %s", self.url, exc)
             up.add_metric([], 0)
@@ -206,8 +210,10 @@ class TritonCollector:
             return
         up.add_metric([], 1)
         yield up
-        queue = GaugeMetricFamily("extproc_triton_queue_depth", "Requests queued or executing in Triton "
-                                  "(nv_inference_pending_request_count).", labels=["tier", "model"])
+        queue = GaugeMetricFamily("extproc_triton_queue_depth", "Requests waiting in Triton: its scheduler "
+                                  "queue (nv_inference_pending_request_count) plus a decoupled backend's own "
+                                  "(TensorRT-LLM's waiting requests, the reference tiers' waiting requests).",
+                                  labels=["tier", "model"])
         compute = CounterMetricFamily("extproc_triton_compute_seconds", "Triton compute time "
                                       "(nv_inference_compute_infer_duration_us).", labels=["tier", "model"])
         queued = CounterMetricFamily("extproc_triton_queue_seconds", "Triton queue time "
@@ -218,7 +224,7 @@ class TritonCollector:
             load = loads.get(model)
             if load is None:
                 continue
-            queue.add_metric([tier, model], load.pending)
+            queue.add_metric([tier, model], load.pending + sum(load.extra.values()))
             compute.add_metric([tier, model], load.compute_infer_us_total / 1e6)
             queued.add_metric([tier, model], load.queue_us_total / 1e6)
             inferences.add_metric([tier, model], load.inference_count)
