@@ -11,9 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +27,7 @@ from extproc.admin.v1 import admin_pb2 as pb
 from extproc.admin.v1 import admin_pb2_grpc as pb_grpc
 
 from ..conftest import ROOT, free_port, require
+from ..redis_server import RedisServer
 
 pytestmark = pytest.mark.e2e
 
@@ -263,44 +261,10 @@ def test_remaining_budget_exact_after_aborted_streams(gateways):
 
 
 # durability -------------------------------------------------------------------------------------
-class AofRedis:
-    """A redis-server with the append-only file fsynced on every write, killable and restartable."""
-
-    def __init__(self, workdir: Path):
-        self.binary = shutil.which("redis-server")
-        self.port = free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-             "--appendfsync", "always", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)  # a crash: no shutdown save, only what was fsynced
-        self.proc.wait(5)
-
-
 def test_redis_restart_loses_no_acknowledged_spend(env, stack, make_stack, tmp_path_factory):
     require(shutil.which("redis-server") is not None, "redis-server is not installed")
     work = tmp_path_factory.mktemp("aof")
-    redis = AofRedis(work)
+    redis = RedisServer(work, durable=True)  # appendfsync always: acknowledged means on disk
     redis.start()
     try:
         gw = make_stack(write_config(work / "dur.yaml", admin_port=None, redis_url=redis.url), workers=1,

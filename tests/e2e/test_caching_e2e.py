@@ -12,8 +12,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
-import subprocess
 import threading
 import time
 import urllib.request
@@ -28,6 +26,7 @@ import yaml
 from extproc.api_keys import hash_key
 
 from ..conftest import ROOT, free_port, require
+from ..redis_server import RedisServer
 
 pytestmark = pytest.mark.e2e
 
@@ -36,40 +35,10 @@ PEPPER = "e2e-pepper-for-caching-0123456789"
 KEYS = {"A": "sk-e2e-cache-tenant-a-0001", "B": "sk-e2e-cache-tenant-b-0002", "C": "sk-e2e-cache-tenant-c-0003"}
 
 
-class RedisServer:
+def own_redis(workdir: Path) -> RedisServer:
     """A redis-server of this module's own, which a test may stop and start again."""
-
-    def __init__(self, workdir: Path):
-        binary = shutil.which("redis-server")
-        require(binary is not None, "redis-server is not installed")
-        self.binary, self.workdir, self.port = binary, workdir, free_port()
-        self.proc: subprocess.Popen | None = None
-        self.start()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", str(self.workdir)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        pytest.fail("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(5)
+    require(shutil.which("redis-server") is not None, "redis-server is not installed")
+    return RedisServer(workdir).start()
 
 
 def write_config(path: Path, redis_url: str) -> Path:
@@ -95,7 +64,7 @@ def env():
 
 @pytest.fixture(scope="module")
 def cache_redis(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("cache-redis"))
+    server = own_redis(tmp_path_factory.mktemp("cache-redis"))
     yield server
     server.stop()
 
@@ -335,7 +304,7 @@ def test_two_gateway_processes_share_hits_through_redis(gw, stack, make_stack, c
 
 def test_redis_going_away_degrades_to_no_cache_without_failing_requests(stack, make_stack, env, tmp_path_factory):
     work = tmp_path_factory.mktemp("cache-down")
-    redis = RedisServer(work)
+    redis = own_redis(work)
     try:
         three = make_stack(write_config(work / "three.yaml", redis.url), workers=1, redis=False,
                            share_triton_with=stack)

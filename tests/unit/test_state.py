@@ -9,18 +9,6 @@ import pytest
 from extproc.state import MemoryStore, RedisStore, StoreUnavailable
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def store(request):
-    if request.param == "memory":
-        s = MemoryStore(prefix="t:")
-    else:
-        import uuid
-
-        s = RedisStore(request.getfixturevalue("redis_url"), prefix=f"t{uuid.uuid4().hex[:8]}:")
-    yield s
-    await s.close()
-
-
 async def test_set_get_delete(store):
     assert await store.get("k") is None
     await store.set("k", b"v")

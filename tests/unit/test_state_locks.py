@@ -3,21 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import pytest
 
-from extproc.state import MemoryStore, RedisStore, StoreUnavailable
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def store(request):
-    if request.param == "memory":
-        s = MemoryStore(prefix="t:")
-    else:
-        s = RedisStore(request.getfixturevalue("redis_url"), prefix=f"t{uuid.uuid4().hex[:8]}:")
-    yield s
-    await s.close()
+from extproc.state import RedisStore, StoreUnavailable
 
 
 async def test_set_nx_only_one_of_many_concurrent_callers_wins(store):

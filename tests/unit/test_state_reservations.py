@@ -11,16 +11,6 @@ import pytest
 from extproc.state import Charge, MemoryStore, RedisStore, StoreUnavailable
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def store(request):
-    if request.param == "memory":
-        s = MemoryStore(prefix="t:")
-    else:
-        s = RedisStore(request.getfixturevalue("redis_url"), prefix=f"t{uuid.uuid4().hex[:8]}:")
-    yield s
-    await s.close()
-
-
 def later(seconds: float = 60) -> float:
     return time.time() + seconds
 
