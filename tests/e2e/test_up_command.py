@@ -11,6 +11,7 @@ import time
 import pytest
 
 from ..conftest import free_port
+from ..redis_server import free_port_run
 
 pytestmark = pytest.mark.e2e
 
@@ -18,7 +19,8 @@ pytestmark = pytest.mark.e2e
 def test_up_starts_everything_answers_and_stops_cleanly_on_ctrl_c(tmp_path):
     import openai
 
-    listen, admin, extproc, triton, metrics = free_port(), free_port(), free_port(), free_port(), free_port()
+    listen, admin, extproc, metrics = free_port(), free_port(), free_port(), free_port()
+    triton = free_port_run(3)  # HTTP, gRPC and metrics on three consecutive ports
     cmd = [sys.executable, "-m", "extproc", "up", "--work-dir", str(tmp_path), "--listen-port", str(listen),
            "--admin-port", str(admin), "--extproc-port", str(extproc), "--triton-port", str(triton),
            "--workers", "1", "--models", "llm-small", "--metrics-port", str(metrics)]
