@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from .redis_server import RedisServer, free_port  # noqa: F401  (free_port: shared by the test modules)
+from .ports import free_port  # noqa: F401  (shared by the test modules)
+from .redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")

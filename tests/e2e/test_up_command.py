@@ -11,7 +11,7 @@ import time
 import pytest
 
 from ..conftest import free_port
-from ..redis_server import free_port_run
+from ..ports import free_port_run
 
 pytestmark = pytest.mark.e2e
 
