@@ -58,7 +58,6 @@ class Metrics:
         m, child = self.m, self.m.child
         tenant, workflow, tier = self.tenant(ctx.tenant), self.workflow(ctx.workflow), ctx.tier or "none"
         who = (tenant, workflow, tier)
-        child(m.requests, (*who, ctx.outcome)).inc()
         if ctx.response_status is not None:
             child(m.responses, (tier, str(ctx.response_status))).inc()
 
@@ -113,6 +112,8 @@ class Metrics:
                 child(m.upstream_duration, (tier,)).observe(ms / 1000.0)
         if self.hooks is not None and self.hooks.failures != self._failures_seen:
             self._export_failures()
+        # Last: a scrape that sees this request counted sees everything else it recorded too.
+        child(m.requests, (*who, ctx.outcome)).inc()
 
     @hookimpl
     def extproc_shutdown(self, gateway):
