@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from extproc.budget_ledger import BudgetLedger, Limits, Subject, window_bounds
-from extproc.state import MemoryStore, RedisStore, StoreUnavailable
+from extproc.state import MemoryStore, StoreUnavailable
 from extproc.testing import GatewayHarness
 
 from .budget_helpers import config_with
