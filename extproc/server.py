@@ -174,10 +174,6 @@ def serve_workers(config: GatewayConfig, *, on_ready=None) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    # One worker per core: BLAS threads inside each worker (MiniLM embeddings) would only fight
-    # the other workers for the same cores. An operator's own setting wins.
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(var, "1")
     log.info("starting %d worker(s) on %s:%d", workers, config.server.host, port)
     for index in range(workers):
         ready = ctx.Event()
