@@ -255,6 +255,19 @@ def shared_capture(ctx, max_bytes: int) -> AnswerCapture:
     return capture
 
 
+def completed_answer(ctx, max_bytes: int) -> CachedAnswer | None:
+    """The request's answer, ready to store: None unless the upstream answered 200 and the shared
+    capture holds a complete answer of at most ``max_bytes``; stamped with the time and the tier."""
+    capture = ctx.plugin_state.get(_SHARED)
+    if capture is None or ctx.response_status != 200:
+        return None
+    answer = capture.result(ctx.usage, max_bytes=max_bytes)
+    if answer is not None:
+        answer.stored_at = time.time()
+        answer.tier = ctx.tier
+    return answer
+
+
 def feed_shared_capture(ctx, chunk) -> None:
     """Feed a response chunk to the request's shared capture, once whoever calls first."""
     capture = ctx.plugin_state.get(_SHARED)

@@ -44,7 +44,7 @@ from extproc.breaker import Breaker
 from extproc.cache_control import parse_cache_headers
 from extproc.cache_keys import Normalization, deterministic, exact_key_parts, fingerprint
 from extproc.cached_answer import (
-    AnswerCapture, CachedAnswer, feed_shared_capture, note_bypass, note_lookup, note_miss, serve,
+    CachedAnswer, completed_answer, feed_shared_capture, note_bypass, note_lookup, note_miss, serve,
     shared_capture,
 )
 from extproc.hookspecs import hookimpl
@@ -66,7 +66,6 @@ class _Flight:
     done: asyncio.Future
     token: bytes | None = None  # set when this worker holds the cross-process lock
     published: bool = False
-    capture: AnswerCapture | None = None
     followers: int = field(default=0)
 
 
@@ -151,7 +150,7 @@ class Coalescing:
                 await self._publish(flight, RETRY)
                 raise
             if outcome == "lead":
-                flight.capture = shared_capture(ctx, s.max_answer_bytes)
+                shared_capture(ctx, s.max_answer_bytes)
                 ctx.plugin_state[NAME] = flight
                 note_lookup(ctx, LAYER, "leader")
                 note_miss(ctx)
@@ -260,19 +259,14 @@ class Coalescing:
 
     @hookimpl
     def extproc_response_chunk(self, ctx, chunk):
-        flight = ctx.plugin_state.get(NAME)
-        if flight is not None:
-            feed_shared_capture(ctx, chunk)
+        feed_shared_capture(ctx, chunk)
 
     @hookimpl
     async def extproc_response_complete(self, ctx):
         flight = ctx.plugin_state.get(NAME)
         if flight is None or ctx.response_status != 200:
             return
-        answer = flight.capture.result(ctx.usage, max_bytes=self.settings.max_answer_bytes)
-        if answer is not None:
-            answer.stored_at = time.time()
-            answer.tier = ctx.tier
+        answer = completed_answer(ctx, self.settings.max_answer_bytes)
         await self._publish(flight, answer if answer is not None else ALONE)
 
     @hookimpl

@@ -33,7 +33,7 @@ from extproc.breaker import Breaker
 from extproc.cache_control import CacheTTL, parse_cache_headers
 from extproc.cache_keys import Normalization, deterministic, exact_key_parts, fingerprint
 from extproc.cached_answer import (
-    AnswerCapture, CachedAnswer, feed_shared_capture, note_bypass, note_lookup, note_miss, serve,
+    CachedAnswer, completed_answer, feed_shared_capture, note_bypass, note_lookup, note_miss, serve,
     shared_capture,
 )
 from extproc.hookspecs import hookimpl
@@ -49,7 +49,6 @@ class _Pending:
 
     key: str
     ttl: float
-    capture: AnswerCapture
 
 
 class ExactCache:
@@ -122,7 +121,8 @@ class ExactCache:
             note_miss(ctx)
         ttl = s.ttl.resolve(path=ctx.path, workflow=ctx.workflow, tenant=ctx.tenant, directives=directives)
         if ttl > 0:
-            ctx.plugin_state[NAME] = _Pending(key, ttl, shared_capture(ctx, s.max_answer_bytes))
+            shared_capture(ctx, s.max_answer_bytes)
+            ctx.plugin_state[NAME] = _Pending(key, ttl)
         ctx.timings_ms[NAME] = (time.perf_counter() - started) * 1000.0
         return None
 
@@ -148,20 +148,16 @@ class ExactCache:
 
     @hookimpl
     def extproc_response_chunk(self, ctx, chunk):
-        pending = ctx.plugin_state.get(NAME)
-        if pending is not None:
-            feed_shared_capture(ctx, chunk)
+        feed_shared_capture(ctx, chunk)
 
     @hookimpl
     async def extproc_response_complete(self, ctx):
         pending = ctx.plugin_state.pop(NAME, None)
-        if pending is None or ctx.response_status != 200 or self.breaker.open:
+        if pending is None or self.breaker.open:
             return
-        answer = pending.capture.result(ctx.usage, max_bytes=self.settings.max_answer_bytes)
+        answer = completed_answer(ctx, self.settings.max_answer_bytes)
         if answer is None or answer.finish_reason not in self.settings.store_finish_reasons:
             return
-        answer.stored_at = time.time()
-        answer.tier = ctx.tier
         data = answer.to_bytes()
         try:
             await self.store.set(pending.key, data, ttl=pending.ttl)

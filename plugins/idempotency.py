@@ -26,7 +26,6 @@ not at all while the store is down; the request is never failed for it.
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -34,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from extproc.breaker import Breaker
 from extproc.cache_keys import body_hash, fingerprint
 from extproc.cached_answer import (
-    AnswerCapture, CachedAnswer, feed_shared_capture, note_lookup, serve, shared_capture,
+    CachedAnswer, completed_answer, feed_shared_capture, note_lookup, serve, shared_capture,
 )
 from extproc.hookspecs import hookimpl
 from extproc.openai_format import OpenAIError
@@ -50,7 +49,6 @@ class _Claim:
     record_key: str
     claim: bytes
     body_hash: str
-    capture: AnswerCapture
     stored: bool = False
 
 
@@ -110,7 +108,8 @@ class Idempotency:
                 if record is None:
                     if await self.store.set_nx(record_key, claim, self.settings.pending_ttl_seconds):
                         self.breaker.ok()
-                        ctx.plugin_state[NAME] = _Claim(record_key, claim, digest, shared_capture(ctx, self.settings.max_answer_bytes))
+                        shared_capture(ctx, self.settings.max_answer_bytes)
+                        ctx.plugin_state[NAME] = _Claim(record_key, claim, digest)
                         note_lookup(ctx, LAYER, "new")
                         return None
                     continue  # claimed by someone else just now: read it
@@ -153,21 +152,17 @@ class Idempotency:
 
     @hookimpl
     def extproc_response_chunk(self, ctx, chunk):
-        claim = ctx.plugin_state.get(NAME)
-        if claim is not None:
-            feed_shared_capture(ctx, chunk)
+        feed_shared_capture(ctx, chunk)
 
     @hookimpl
     async def extproc_response_complete(self, ctx):
         claim = ctx.plugin_state.get(NAME)
-        if claim is None or ctx.response_status != 200:
+        if claim is None:
             return
-        answer = claim.capture.result(ctx.usage, max_bytes=self.settings.max_answer_bytes)
+        answer = completed_answer(ctx, self.settings.max_answer_bytes)
         if answer is None:
             return
-        answer.stored_at = time.time()
         answer.body_hash = claim.body_hash
-        answer.tier = ctx.tier
         try:
             await self.store.set(claim.record_key, _DONE + answer.to_bytes(), ttl=self.settings.window_seconds)
             claim.stored = True

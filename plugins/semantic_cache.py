@@ -39,7 +39,7 @@ from extproc.breaker import Breaker
 from extproc.cache_control import CacheTTL, parse_cache_headers
 from extproc.cache_keys import Normalization, deterministic, fingerprint, normalize_text, semantic_parts
 from extproc.cached_answer import (
-    AnswerCapture, CachedAnswer, feed_shared_capture, note_bypass, note_lookup, note_miss, serve,
+    CachedAnswer, completed_answer, feed_shared_capture, note_bypass, note_lookup, note_miss, serve,
     shared_capture,
 )
 from extproc.hookspecs import hookimpl
@@ -68,7 +68,6 @@ class _Pending:
     text: str
     vector: np.ndarray
     ttl: float
-    capture: AnswerCapture
 
 
 class SemanticCache:
@@ -182,8 +181,8 @@ class SemanticCache:
                 return reply
             note_miss(ctx)
         if ttl > 0 and best < s.dedupe_above:
-            ctx.plugin_state[NAME] = _Pending(scope, text, vector, ttl,
-                                              shared_capture(ctx, s.max_answer_bytes))
+            shared_capture(ctx, s.max_answer_bytes)
+            ctx.plugin_state[NAME] = _Pending(scope, text, vector, ttl)
         return None
 
     async def _lookup(self, ctx, scope: str, text: str, vector: np.ndarray, directives):
@@ -242,21 +241,17 @@ class SemanticCache:
 
     @hookimpl
     def extproc_response_chunk(self, ctx, chunk):
-        pending = ctx.plugin_state.get(NAME)
-        if pending is not None:
-            feed_shared_capture(ctx, chunk)
+        feed_shared_capture(ctx, chunk)
 
     @hookimpl
     async def extproc_response_complete(self, ctx):
         pending = ctx.plugin_state.pop(NAME, None)
-        if pending is None or ctx.response_status != 200 or self.breaker.open:
+        if pending is None or self.breaker.open:
             return
-        answer = pending.capture.result(ctx.usage, max_bytes=self.settings.max_answer_bytes)
+        answer = completed_answer(ctx, self.settings.max_answer_bytes)
         if answer is None or answer.finish_reason not in self.settings.store_finish_reasons:
             return
-        answer.stored_at = time.time()
         answer.query = pending.text
-        answer.tier = ctx.tier
         entry_id = fingerprint([pending.scope, pending.text])
         try:
             await self.store.set("sa:" + entry_id, answer.to_bytes(), ttl=pending.ttl)
