@@ -12,6 +12,12 @@ on its own Envoy in front of the same stub upstream:
 
     python benchmarks/bench_extproc_floor.py [--requests 1500]
 
+Two no-op servers are measured the same way: the Python one (grpc.aio, this file) and, as the
+reference for what Envoy's ext_proc filter costs by itself, one in Go (grpc-go,
+benchmarks/noop_extproc_go/main.go, built here with Debian's golang-go and golang-google-grpc-dev,
+installed by scripts/ensure-debs.sh when missing; --no-go skips it). Besides the p50 the table
+shows the CPU time each request costs the ext_proc server and Envoy (from /proc, whole run).
+
 One client, HTTP/1.1 keep-alive, loopback only, bounded by --requests. Nothing here runs in CI.
 """
 
@@ -19,10 +25,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
+import os
+import shutil
+import subprocess
 import sys
 import tempfile
-import http.client
 import time
 from pathlib import Path
 
@@ -72,6 +81,57 @@ async def noop_server(port: int) -> None:
     await server.wait_for_termination()
 
 
+GO_SOURCE = ROOT / "benchmarks" / "noop_extproc_go" / "main.go"
+
+
+def go_replies_match() -> None:
+    """The Go server's hand-serialised replies must equal what the protobuf types produce."""
+    import re
+
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+    common = pb.CommonResponse(clear_route_cache=True)
+    common.header_mutation.set_headers.add(header=base_pb2.HeaderValue(key="x-extproc-tier", raw_value=b"passthrough"))
+    want = {
+        0x12: pb.ProcessingResponse(request_headers=pb.HeadersResponse()),
+        0x1A: pb.ProcessingResponse(response_headers=pb.HeadersResponse()),
+        0x22: pb.ProcessingResponse(request_body=pb.BodyResponse(response=common)),
+        0x2A: pb.ProcessingResponse(response_body=pb.BodyResponse()),
+        0x32: pb.ProcessingResponse(request_trailers=pb.TrailersResponse()),
+        0x3A: pb.ProcessingResponse(response_trailers=pb.TrailersResponse()),
+    }
+    table = GO_SOURCE.read_text().split("var replies")[1].split("\n}")[0]
+    got = {int(k, 16): bytes(int(b, 16) for b in re.findall(r"0x[0-9a-f]{2}", v))
+           for k, v in re.findall(r"(0x[0-9a-f]{2}): \{([^}]*)\}", table)}
+    for tag, msg in want.items():
+        if got.get(tag) != msg.SerializeToString():
+            raise SystemExit(f"noop_extproc_go/main.go: reply for tag {tag:#x} does not match the protobuf types")
+
+
+def build_go_server(work: Path) -> Path | None:
+    """Build the Go no-op server (Debian's Go and grpc-go, GOPATH mode, no network); None if it can't."""
+    ensure = ROOT / "scripts" / "ensure-debs.sh"
+    if subprocess.run([str(ensure), "golang-go", "golang-google-grpc-dev"]).returncode != 0:
+        print("skipping the Go reference: golang-go / golang-google-grpc-dev could not be installed")
+        return None
+    go_replies_match()
+    out = work / "noop-go"
+    env = {**os.environ, "GO111MODULE": "off", "GOPATH": "/usr/share/gocode", "GOCACHE": str(work / "gocache")}
+    go = shutil.which("go") or "/usr/lib/go/bin/go"
+    built = subprocess.run([go, "build", "-o", str(out), str(GO_SOURCE)], env=env, capture_output=True, text=True)
+    if built.returncode != 0:
+        print(f"skipping the Go reference: go build failed:\n{built.stderr}")
+        return None
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def p50(port: int, n: int) -> float:
     body = json.dumps({"model": "stub", "messages": [{"role": "user", "content": "hi"}]})
     conn = http.client.HTTPConnection("127.0.0.1", port)
@@ -92,6 +152,7 @@ def p50(port: int, n: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--requests", type=int, default=1500)
+    ap.add_argument("--no-go", action="store_true", help="skip the Go reference server")
     args = ap.parse_args(argv)
     import yaml
 
@@ -100,41 +161,64 @@ def main(argv: list[str] | None = None) -> int:
     from extproc.tritonserver import free_port
 
     work = Path(tempfile.mkdtemp(prefix="bench-floor-"))
-    stub_port, ext_port = free_port(), free_port()
-    procs = [
-        ManagedProcess("stub", [sys.executable, str(ROOT / "benchmarks" / "stub_upstream.py"), "--port", str(stub_port)],
-                       work / "stub.log"),
-        ManagedProcess("no-op ext_proc", [sys.executable, __file__, "--noop-server", str(ext_port)], work / "noop.log"),
-    ]
-    for p in procs:
-        p.start()
-    ports: dict[str, int] = {}
+    servers: dict[str, list[str]] = {"Python grpc.aio": [sys.executable, __file__, "--noop-server"]}
+    if not args.no_go and (go := build_go_server(work)) is not None:
+        servers["Go grpc-go"] = [str(go)]
+    stub_port = free_port()
+    stub = ManagedProcess("stub", [sys.executable, str(ROOT / "benchmarks" / "stub_upstream.py"), "--port", str(stub_port)],
+                          work / "stub.log")
+    stub.start()
+    procs = [stub]
+    sources = {}
+    for i, mode in enumerate(MODES.values()):
+        cfg = yaml.safe_load((ROOT / "envoy" / "envoy.yaml").read_text())
+        hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        for f in hcm["http_filters"]:
+            if f["name"] == "envoy.filters.http.ext_proc":
+                f["typed_config"]["processing_mode"].update(mode)
+        sources[list(MODES)[i]] = work / f"src{i}.yaml"
+        sources[list(MODES)[i]].write_text(yaml.safe_dump(cfg))
+
+    def start_envoy(src: Path, ext_port: int, tag: str) -> tuple[int, ManagedProcess]:
+        listen, admin = free_port(), free_port()
+        config = write_envoy_config(src, work / f"envoy-{tag}.yaml", listen_port=listen, admin_port=admin,
+                                    extproc_port=ext_port, triton_port=stub_port, passthrough_port=stub_port)
+        envoy = ManagedProcess("envoy", [envoy_binary(), "-c", str(config), "--use-dynamic-base-id",
+                                         "--log-level", "error", "--concurrency", "1"], work / f"envoy-{tag}.log")
+        envoy.start()
+        procs.append(envoy)
+        envoy.wait_until(lambda: http_ok(f"http://127.0.0.1:{admin}/ready"), 30, "ready")
+        return listen, envoy
+
+    def measure(port: int, server: ManagedProcess | None, envoy: ManagedProcess) -> str:
+        n = args.requests + 200  # p50() sends 200 warm-up requests first
+        s0 = cpu_seconds(server.proc.pid) if server else 0.0
+        e0 = cpu_seconds(envoy.proc.pid)
+        value = p50(port, args.requests)
+        s1 = cpu_seconds(server.proc.pid) if server else 0.0
+        e1 = cpu_seconds(envoy.proc.pid)
+        return f"{value:7.3f}   {(s1 - s0) / n * 1000:8.3f}   {(e1 - e0) / n * 1000:8.3f}"
+
     try:
-        procs[1].wait_until(lambda: grpc_serving(ext_port), 30, "serving")
-        for i, mode in enumerate(MODES.values()):
-            cfg = yaml.safe_load((ROOT / "envoy" / "envoy.yaml").read_text())
-            hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-            for f in hcm["http_filters"]:
-                if f["name"] == "envoy.filters.http.ext_proc":
-                    f["typed_config"]["processing_mode"].update(mode)
-            src = work / f"src{i}.yaml"
-            src.write_text(yaml.safe_dump(cfg))
-        sources = {"Envoy without ext_proc": ROOT / "envoy" / "envoy-nofilter.yaml",
-                   **{name: work / f"src{i}.yaml" for i, name in enumerate(MODES)}}
-        for i, (name, src) in enumerate(sources.items()):
-            listen, admin = free_port(), free_port()
-            ports[name] = listen
-            config = write_envoy_config(src, work / f"envoy{i}.yaml", listen_port=listen, admin_port=admin,
-                                        extproc_port=ext_port, triton_port=stub_port, passthrough_port=stub_port)
-            envoy = ManagedProcess("envoy", [envoy_binary(), "-c", str(config), "--use-dynamic-base-id",
-                                             "--log-level", "error", "--concurrency", "1"], work / f"envoy{i}.log")
-            envoy.start()
-            procs.append(envoy)
-            envoy.wait_until(lambda: http_ok(f"http://127.0.0.1:{admin}/ready"), 30, "ready")
-        time.sleep(3)  # health checks
-        print(f"p50 at 1 client over {args.requests} requests (ms); no-op Python grpc.aio ext_proc server")
-        for name, port in ports.items():
-            print(f"  {name:36s} {p50(port, args.requests):7.3f}")
+        rows = []
+        port, envoy = start_envoy(ROOT / "envoy" / "envoy-nofilter.yaml", 0, "nofilter")
+        time.sleep(1)
+        rows.append(("Envoy without ext_proc", "", measure(port, None, envoy)))
+        for server_name, cmd in servers.items():
+            ext_port = free_port()
+            server = ManagedProcess(server_name, [*cmd, str(ext_port)], work / f"{server_name.split()[0]}.log")
+            server.start()
+            procs.append(server)
+            server.wait_until(lambda: grpc_serving(ext_port), 30, "serving")
+            for i, (mode, src) in enumerate(sources.items()):
+                port, envoy = start_envoy(src, ext_port, f"{server_name.split()[0]}{i}")
+                time.sleep(3)  # health checks
+                rows.append((server_name, mode, measure(port, server, envoy)))
+                envoy.stop()
+        print(f"1 client, {args.requests} requests per row (after 200 warm-up); no-op ext_proc servers")
+        print(f"{'server':18s} {'mode':34s} {'p50 ms':>7s}  {'server CPU':>9s}  {'Envoy CPU':>9s}  (ms per request)")
+        for server_name, mode, figures in rows:
+            print(f"{server_name:18s} {mode:34s} {figures}")
     finally:
         for p in reversed(procs):
             p.stop()
