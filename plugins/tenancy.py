@@ -6,7 +6,8 @@ Two sources, tried in the configured order (the first that names a tenant wins):
   (:mod:`extproc.api_keys`; keys are created through the admin API or listed by hash in the
   configuration). An unknown, revoked or malformed key is a 401 ``invalid_api_key``.
 * ``trusted_header``: ``x-extproc-tenant`` (and ``x-extproc-workflow``) set by Envoy after its own
-  authentication (a JWT or ext_authz filter placed after the strip filter). Envoy removes every
+  authentication (basic_auth as in ``envoy/envoy-trusted-auth.yaml``, or a JWT or ext_authz filter,
+  placed after the strip filter). Envoy removes every
   ``x-extproc-*`` header a client sends before any filter runs (``envoy/envoy.yaml``,
   ``early_header_mutation_extensions``), so a client cannot claim a tenant this way; that is why
   the header names must start with ``x-extproc-``.

@@ -355,3 +355,23 @@ def test_dump_has_no_yaml_aliases():
     assert "&id" not in text and "*id" not in text
     assert yaml.safe_load(text) == copy.deepcopy(ec.render_config_dict(
         _load(MAIN), listen_port=1, admin_port=2, extproc_port=3, triton_port=4))
+
+
+def test_trusted_auth_variant_is_in_sync():
+    expected = ec.render_trusted_auth_config(MAIN)
+    actual = (ENVOY_DIR / "envoy-trusted-auth.yaml").read_text()
+    assert actual == expected, "run: python -m extproc.envoy_config trusted-auth > envoy/envoy-trusted-auth.yaml"
+
+
+def test_trusted_auth_authenticates_after_the_strip_and_before_ext_proc():
+    names = [f["name"] for f in _filters(_load(ENVOY_DIR / "envoy-trusted-auth.yaml"))]
+    strip, auth, ext_proc = (names.index(n) for n in
+                             ("strip_internal_headers", "envoy.filters.http.basic_auth", "envoy.filters.http.ext_proc"))
+    assert strip < auth < ext_proc
+    auth_filter = _filters(_load(ENVOY_DIR / "envoy-trusted-auth.yaml"))[auth]["typed_config"]
+    assert auth_filter["forward_username_header"] == "x-extproc-tenant"
+
+
+def test_htpasswd_sha_matches_the_htpasswd_format():
+    # `htpasswd -nbs demo demo-password` prints this line.
+    assert ec.htpasswd_sha("demo", "demo-password") == "demo:{SHA}POjQMNQW1NfYyWtu4ZyNpwwV7k4="
