@@ -26,9 +26,11 @@ def _overrides(args) -> dict:
 
 def cmd_serve(args) -> int:
     """Run the ext_proc gRPC service (several worker processes on one port)."""
+    from .gateway import TierRegistry
     from .server import configure_logging, serve
 
     config = load_config(args.config, overrides=_overrides(args))
+    TierRegistry(config)  # a tier's missing upstream API key: a configuration error before any worker starts
     configure_logging(config.server.log_level)
     return serve(config)
 

@@ -72,6 +72,21 @@ class TierConfig(_Strict):
     default_max_tokens: int = Field(256, gt=0)
     price: Price = Field(default_factory=Price)
     capabilities: list[str] = Field(default_factory=list)
+    api_key_env: str | None = Field(
+        None, description="environment variable holding the upstream's API key (kind openai), sent as "
+        "Authorization: Bearer; read when the gateway starts")
+    forward_authorization: bool = Field(
+        False, description="pass the client's Authorization header to the upstream unchanged (for an "
+        "upstream that authenticates end users itself); otherwise it is removed, so a client's gateway "
+        "credentials never reach an upstream")
+
+    @model_validator(mode="after")
+    def _one_way_to_authenticate(self) -> "TierConfig":
+        if self.api_key_env and self.kind != "openai":
+            raise ValueError("api_key_env is only for kind openai (Triton takes no API key)")
+        if self.api_key_env and self.forward_authorization:
+            raise ValueError("api_key_env and forward_authorization exclude each other")
+        return self
 
     @field_validator("chat_template")
     @classmethod

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
-from .config import GatewayConfig, TierConfig
+from .config import ConfigError, GatewayConfig, TierConfig
 from .cost_model import CostModel
 from .plugins import HookRunner, load_plugins
 from .state import Store, open_store
@@ -25,6 +26,27 @@ class TierRegistry:
             self._by_name[name] = name
             for alias in tier.aliases:
                 self._by_name[alias] = name
+        self._upstream_auth = {name: self._auth_headers(name, tier) for name, tier in self.tiers.items()}
+
+    @staticmethod
+    def _auth_headers(name: str, tier: TierConfig) -> tuple[list[tuple[str, str]], list[str]]:
+        """(headers to set, headers to remove) for the upstream's authentication."""
+        if tier.api_key_env:
+            key = os.environ.get(tier.api_key_env)
+            if not key:
+                raise ConfigError(f"tiers.{name}.api_key_env: ${tier.api_key_env} is not set (the upstream's API key)")
+            return [("authorization", f"Bearer {key}")], []
+        if tier.forward_authorization:
+            return [], []
+        return [], ["authorization"]
+
+    def upstream_auth(self, tier: str) -> tuple[list[tuple[str, str]], list[str]]:
+        """How a request to ``tier`` authenticates upstream: (headers to set, headers to remove).
+
+        The tier's own key (``api_key_env``) replaces the client's ``Authorization``; without one
+        the client's header is removed unless the tier sets ``forward_authorization``.
+        """
+        return self._upstream_auth[tier]
 
     def resolve(self, model: str) -> str | None:
         """The tier a model name pins, or None (``auto`` and unknown names pin nothing)."""

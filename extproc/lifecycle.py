@@ -168,8 +168,10 @@ class RequestLifecycle:
             ("content-length", str(len(upstream.body))),
             *upstream.headers.items(),
         ]
+        auth_set, auth_remove = self.gateway.tiers.upstream_auth(ctx.tier)
+        headers += auth_set
         ctx.upstream_sent_at = time.perf_counter()
-        return Continue(set_headers=headers, body=upstream.body, clear_route_cache=True)
+        return Continue(set_headers=headers, remove_headers=auth_remove, body=upstream.body, clear_route_cache=True)
 
     def _upstream_request(self, ctx: RequestContext) -> UpstreamRequest:
         """The request as the chosen tier's upstream wants it."""

@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from .conftest import STUB_UPSTREAM_KEY
+
 pytestmark = pytest.mark.e2e
 
 
@@ -89,6 +91,8 @@ def test_openai_passthrough_tier_gets_the_request_unchanged_but_the_model(client
     seen = json.loads(raw.http_response.text)["stub_request"]
     assert seen["path"] == "/v1/chat/completions"
     assert not any(h.startswith("x-extproc-") for h in seen["headers"])  # not leaked upstream
+    # The tier's own key (api_key_env) replaced the client's gateway credentials.
+    assert seen["headers"]["authorization"] == f"Bearer {STUB_UPSTREAM_KEY}"
     assert raw.http_response.headers["x-extproc-tier"] == "passthrough"
 
 
