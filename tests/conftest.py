@@ -12,6 +12,10 @@ from .ports import free_port  # noqa: F401  (shared by the test modules)
 from .redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The passthrough tier's upstream API key in tests/e2e/gateway-e2e.yaml (`api_key_env`), which
+#: unit tests load too; services started by the tests inherit it.
+STUB_UPSTREAM_KEY = "sk-stub-upstream-key-for-e2e"
+os.environ["EXTPROC_E2E_STUB_KEY"] = STUB_UPSTREAM_KEY
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 

@@ -9,7 +9,6 @@ Envoy) in front of the same Triton and Redis, for cross-instance tests.
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
@@ -17,12 +16,9 @@ import pytest
 
 from extproc.stack import ManagedProcess, Stack, StackPorts, http_ok
 
-from ..conftest import ROOT, free_port, require
+from ..conftest import ROOT, STUB_UPSTREAM_KEY, free_port, require  # noqa: F401 (re-exported)
 
 E2E_CONFIG = ROOT / "tests" / "e2e" / "gateway-e2e.yaml"
-#: The passthrough tier's upstream API key in gateway-e2e.yaml (`api_key_env`); services inherit it.
-STUB_UPSTREAM_KEY = "sk-stub-upstream-key-for-e2e"
-os.environ["EXTPROC_E2E_STUB_KEY"] = STUB_UPSTREAM_KEY
 
 
 @pytest.fixture(scope="session")
