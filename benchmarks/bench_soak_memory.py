@@ -124,13 +124,13 @@ def http_request(path: str, body: bytes, headers: dict[str, str] | None = None) 
 class Mix:
     """Builds the next request of a kind; distinct prompts from a counter and a seeded RNG."""
 
-    def __init__(self, seed: int, run: str):
+    def __init__(self, seed: int, run: str, weights: dict[str, float] | None = None):
         self.rng = random.Random(seed)
         self.run = run
         self.n = 0
         self.recent: list[bytes] = []  # deterministic bodies sent, for repeats
         self.idem: list[tuple[str, bytes]] = []  # (key, body) of completed idempotent requests
-        kinds, weights = zip(*MIX.items())
+        kinds, weights = zip(*(weights or MIX).items())
         self.kinds, self.weights = list(kinds), list(weights)
 
     def prompt(self) -> str:
@@ -209,15 +209,16 @@ class Mix:
 class Load:
     """--clients keep-alive connections sending the mix until the deadline; hang-ups use their own."""
 
-    def __init__(self, port: int, clients: int, seed: int, run: str):
+    def __init__(self, port: int, clients: int, seed: int, run: str, weights: dict[str, float] | None = None):
         self.port, self.clients, self.seed, self.run_id = port, clients, seed, run
+        self.weights = weights
         self.by_kind: dict[str, Counter] = defaultdict(Counter)  # kind -> status -> count
         self.errors: Counter = Counter()
         self.samples_of_errors: dict[str, str] = {}
         self.done = 0
 
     async def _client(self, i: int, deadline: float) -> None:
-        mix = Mix(self.seed * 1000 + i, f"{self.run_id}c{i}")
+        mix = Mix(self.seed * 1000 + i, f"{self.run_id}c{i}", self.weights)
         reader = writer = None
         while time.monotonic() < deadline:
             kind, path, body, headers = mix.next()
@@ -360,12 +361,22 @@ def main(argv: list[str] | None = None) -> int:
                     help="tracemalloc in the workers, top growing lines after the warm-up (slow)")
     ap.add_argument("--objects", action="store_true", help="count live objects by type in the workers (gc)")
     ap.add_argument("--max-growth-mib", type=float, default=8.0, help="exit 2 if a worker grew more after warm-up")
+    ap.add_argument("--mix", help="only these kinds, with these weights: e.g. sampled=1 or distinct=3,hangup=1 "
+                    "(to find which kind of traffic makes memory grow)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--work-dir", help="logs, configs, diagnostics (default: a temp dir)")
     ap.add_argument("--out", help="write samples and results as JSON here")
     args = ap.parse_args(argv)
     if args.warmup >= args.duration:
         ap.error("--warmup must be shorter than --duration")
+    weights = None
+    if args.mix:
+        try:
+            weights = {k.strip(): float(v) for k, v in (p.split("=") for p in args.mix.split(","))}
+        except ValueError:
+            ap.error("--mix: kind=weight,...")
+        if set(weights) - set(MIX):
+            ap.error(f"--mix: unknown kind(s) {', '.join(sorted(set(weights) - set(MIX)))}")
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-soak-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -373,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"work dir: {work}  (logs in {work / 'logs'})", flush=True)
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start; "
           f"{args.duration:.0f} s of load, warm-up {args.warmup:.0f} s, {args.clients} clients, "
-          f"{args.workers} workers; per worker, exact cache bound {args.cache_mib:g} MiB, "
+          f"{args.workers} workers; mix {args.mix or 'all kinds'}; per worker, exact cache bound {args.cache_mib:g} MiB, "
           f"idempotency store {args.idempotency_mib:g} MiB", flush=True)
 
     procs: list[hop.Proc] = []
@@ -409,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(workers) != args.workers:
             raise RuntimeError(f"expected {args.workers} workers under pid {svc.popen.pid}, found {workers}")
 
-        load = Load(listen, args.clients, args.seed, f"r{os.getpid()}")
+        load = Load(listen, args.clients, args.seed, f"r{os.getpid()}", weights)
         samples: list[dict] = []
 
         async def sampler(t0: float) -> None:
@@ -495,7 +506,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  worker {pid}: no diagnostics")
             continue
         print(f"  worker {pid}: tasks {a['tasks']} -> {b['tasks']}, streams in flight {a['active_streams']} -> "
-              f"{b['active_streams']}, Python blocks {a['py_blocks']} -> {b['py_blocks']}")
+              f"{b['active_streams']}, Python blocks {a['py_blocks']} -> {b['py_blocks']}; ext_proc streams "
+              f"{b.get('streams')}, of which ended cancelled by Envoy {b.get('streams_cancelled')}")
         if a.get("malloc") and b.get("malloc"):
             ma, mb = a["malloc"], b["malloc"]
             print(f"    C heap (mallinfo2, MiB): in use {ma['in_use'] / 2**20:.1f} -> {mb['in_use'] / 2**20:.1f}, "

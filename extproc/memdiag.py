@@ -178,6 +178,8 @@ class MemDiag:
         line: dict[str, Any] = {
             "t": round(elapsed, 1), "pid": os.getpid(), "rss_kib": rss_kib(),
             "requests": requests_finished(), "active_streams": self.worker.processor.active_streams,
+            "streams": getattr(self.worker.processor, "streams", None),
+            "streams_cancelled": getattr(self.worker.processor, "streams_cancelled", None),
             "tasks": len(asyncio.all_tasks()), "gc_counts": gc.get_count(),
             "py_blocks": sys.getallocatedblocks(), "malloc": malloc_info(),
             "holdings": holdings(self.worker.gateway),
