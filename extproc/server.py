@@ -88,11 +88,16 @@ async def serve_worker(config: GatewayConfig, ready=None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     worker = await start_worker(config)
+    from . import memdiag
+
+    diag = memdiag.start_from_env(worker)  # only with $EXTPROC_MEMDIAG_DIR (soak runs)
     log.info("worker %d serving ext_proc on %s:%d with plugins %s",
              os.getpid(), config.server.host, worker.port, ", ".join(worker.gateway.plugin_names))
     if ready is not None:
         ready.set()
     await stop.wait()
+    if diag is not None:
+        await diag.stop()
     log.info("worker %d draining (%d stream(s) in flight, grace %.1fs)",
              os.getpid(), worker.processor.active_streams, config.server.grace_seconds)
     await worker.drain_and_stop(config.server.grace_seconds)

@@ -30,6 +30,7 @@ own copy of every limit. Budgets that must hold across workers and gateways need
 from __future__ import annotations
 
 import heapq
+import sys
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -102,8 +103,21 @@ class StoreUnavailable(RuntimeError):
     """The backing store could not be reached; callers degrade (no cache) rather than fail."""
 
 
+#: What an entry of :class:`MemoryStore` costs in CPython besides its key and value objects: the
+#: ``(value, expiry)`` tuple (56 B), the expiry float (24 B) and its slot and link in the
+#: OrderedDict (about 110 B, amortised). Measured with tracemalloc: with it the accounted bytes
+#: match the real ones within a few per cent from 16-byte to 4 KB values; without it (key and
+#: value lengths + 64) a store of small entries (locks, claims) really held 2.3 to 2.7 times its
+#: ``max_bytes``.
+ENTRY_OVERHEAD = 192
+
+
 class MemoryStore:
-    """An in-process store bounded by ``max_bytes`` (LRU eviction) with per-key TTL."""
+    """An in-process store bounded by ``max_bytes`` (LRU eviction) with per-key TTL.
+
+    ``max_bytes`` bounds the real memory of the entries (Python objects included, see
+    :data:`ENTRY_OVERHEAD`), not only the length of their keys and values.
+    """
 
     def __init__(self, max_bytes: int = 64 * 1024 * 1024, prefix: str = "", *,
                  max_counters: int = 1_000_000, max_records: int = 100_000):
@@ -123,7 +137,8 @@ class MemoryStore:
 
     @staticmethod
     def _size(key: str, value) -> int:
-        return len(key) + (len(value) if isinstance(value, bytes) else 8) + 64
+        # counters (ints) count a fixed 32 B, so an entry's size never changes as it is incremented
+        return sys.getsizeof(key) + (sys.getsizeof(value) if isinstance(value, bytes) else 32) + ENTRY_OVERHEAD
 
     def _live(self, key: str):
         item = self._data.get(key)
@@ -148,7 +163,11 @@ class MemoryStore:
             return
         self._data[key] = (value, time.monotonic() + ttl if ttl else None)
         self._bytes += size
-        while self._bytes > self.max_bytes:
+        self._evict()
+
+    def _evict(self) -> None:
+        """Drop the least recently used entries until the store is within ``max_bytes``."""
+        while self._bytes > self.max_bytes and self._data:
             self._remove(next(iter(self._data)))
 
     @property
@@ -176,6 +195,7 @@ class MemoryStore:
         self._data[key] = (value, expires)
         if item is None:
             self._bytes += self._size(key, value)
+            self._evict()  # a new counter counts against max_bytes like any entry
         return value
 
     async def ping(self) -> bool:

@@ -135,6 +135,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
     def __init__(self, handler_factory: Callable[[], StreamHandler]):
         self._new_handler = handler_factory
         self.active_streams = 0
+        self.streams = 0  # streams handled
+        self.streams_cancelled = 0  # ...that ended cancelled (Envoy reset it) rather than half-closed
 
     async def Process(self, request_iterator, context):
         state = StreamState(self._new_handler())
@@ -168,6 +170,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             cancelled = False
         finally:
             self.active_streams -= 1
+            self.streams += 1
+            self.streams_cancelled += cancelled
             try:
                 await state.handler.stream_closed(cancelled and not state.replied)
             except Exception:  # the stream is over; nothing left to answer

@@ -43,6 +43,44 @@ def test_memory_store_is_bounded_lru():
     assert values[99] == b"x" * 100 and values[0] is None
 
 
+@pytest.mark.parametrize("value_bytes", [16, 64, 512, 4096])
+def test_memory_store_bound_is_its_real_memory(value_bytes):
+    """max_bytes bounds what the entries really take (Python objects included): small entries (locks,
+    claims) used to be counted as their lengths + 64 and really held up to 2.7 times the bound."""
+    import gc
+    import os
+    import tracemalloc
+
+    async def fill(s):
+        for i in range(20_000):
+            await s.set(f"key:{i:032d}", os.urandom(value_bytes), ttl=60)
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        s = MemoryStore(max_bytes=256 * 1024)
+        asyncio.run(fill(s))
+        gc.collect()
+        real = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert s.used_bytes <= s.max_bytes
+    assert real <= 1.25 * s.max_bytes, f"{len(s._data)} entries really take {real} B for a bound of {s.max_bytes}"
+
+
+def test_memory_store_counters_count_against_the_bound():
+    """incr() of new keys used to add to the store without ever evicting: unbounded with distinct keys."""
+    s = MemoryStore(max_bytes=10_000)
+
+    async def run():
+        for i in range(5_000):
+            await s.incr(f"n{i}", 1, ttl=60)
+        assert await s.incr("n4999", 2) == 3  # the newest survive, and keep counting
+
+    asyncio.run(run())
+    assert s.used_bytes <= 10_000 and len(s._data) < 100
+
+
 async def test_redis_down_raises_store_unavailable_quickly():
     s = RedisStore("redis://127.0.0.1:1/0", timeout=0.2)
     assert await s.ping() is False
