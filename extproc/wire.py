@@ -167,6 +167,12 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                 if answer.HasField("immediate_response"):
                     state.replied = True
                     break
+                if _is_last_message(request):
+                    # Nothing more will come: end the RPC now (status OK) instead of waiting for
+                    # Envoy's half-close, which can lose the race with Envoy resetting the stream
+                    # when its filter is destroyed (a reset stream costs grpcio native memory).
+                    # Envoy ignores the stream once the server has closed it.
+                    break
             cancelled = False
         finally:
             self.active_streams -= 1
@@ -204,6 +210,16 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             log.exception("handler failed in %s", phase)
             decision = handler.internal_error(exc)
         return _answer(phase, decision)
+
+
+def _is_last_message(request: pb.ProcessingRequest) -> bool:
+    """Is this the last message Envoy sends on the stream (the response is complete)?"""
+    phase = request.WhichOneof("request")
+    if phase == "response_trailers":
+        return True
+    if phase in ("response_body", "response_headers"):
+        return getattr(request, phase).end_of_stream
+    return False
 
 
 _EXTEND_MESSAGE = pb.ProcessingResponse(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import grpc
@@ -57,14 +58,13 @@ def request_phases(body: bytes):
     ]
 
 
-async def test_every_phase_answered_once_including_empty_final_chunk_and_trailers(worker):
+async def test_every_phase_answered_once_including_an_empty_final_chunk(worker):
     _, channel = worker
     chunks = triton_answer("one two three", stream=True)
     messages = request_phases(chat_body(stream=True)) + [
         pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=hmap(_status="200"))),
         *[pb.ProcessingRequest(response_body=pb.HttpBody(body=c)) for c in chunks],
         pb.ProcessingRequest(response_body=pb.HttpBody(body=b"", end_of_stream=True)),  # empty final chunk
-        pb.ProcessingRequest(response_trailers=pb.HttpTrailers(trailers=hmap(grpc_status="0"))),
     ]
     answers = await exchange(channel, messages)
     kinds = [a.WhichOneof("response") for a in answers]
@@ -77,9 +77,40 @@ async def test_every_phase_answered_once_including_empty_final_chunk_and_trailer
     assert set_headers["x-extproc-tier"] == "small"
     assert json.loads(body_answer.body_mutation.body)["stream"] is True
     # The empty final chunk is answered, and carries the end of the OpenAI stream.
-    streamed = b"".join(a.response_body.response.body_mutation.body for a in answers[3:-1])
+    streamed = b"".join(a.response_body.response.body_mutation.body for a in answers[3:])
     assert streamed.count(b"data: [DONE]") == 1
     assert streamed.endswith(b"data: [DONE]\n\n")
+
+
+async def test_response_ending_in_trailers_has_its_trailers_answered(worker):
+    _, channel = worker
+    chunks = triton_answer("one two", stream=False)
+    messages = request_phases(chat_body()) + [
+        pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=hmap(_status="200"))),
+        *[pb.ProcessingRequest(response_body=pb.HttpBody(body=c)) for c in chunks],  # none ends the stream
+        pb.ProcessingRequest(response_trailers=pb.HttpTrailers(trailers=hmap(grpc_status="0"))),
+    ]
+    answers = await exchange(channel, messages)
+    assert [a.WhichOneof("response") for a in answers] == [m.WhichOneof("request") for m in messages]
+
+
+async def test_the_service_ends_the_stream_after_the_last_message_without_waiting_for_envoy(worker):
+    """After answering the message that completes the response, the service closes the RPC (OK)
+    itself: it does not wait for Envoy's half-close, which can race with Envoy resetting the stream."""
+    _, channel = worker
+    stub = pb_grpc.ExternalProcessorStub(channel)
+    call = stub.Process()
+    for m in request_phases(chat_body()):
+        await call.write(m)
+        assert (await call.read()).WhichOneof("response") == m.WhichOneof("request")
+    await call.write(pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=hmap(_status="200"))))
+    await call.read()
+    body = b"".join(triton_answer("done", stream=False))
+    await call.write(pb.ProcessingRequest(response_body=pb.HttpBody(body=body, end_of_stream=True)))
+    assert (await call.read()).WhichOneof("response") == "response_body"
+    # No done_writing() from the client: the server finishes on its own.
+    assert await asyncio.wait_for(call.read(), 5) is grpc.aio.EOF
+    assert await call.code() == grpc.StatusCode.OK
 
 
 async def test_sse_event_split_across_two_chunks_is_translated(worker):
