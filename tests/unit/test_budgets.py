@@ -24,7 +24,11 @@ def budgets(workers: int = 1, **settings):
 
 
 async def report(gw, scope="tenant", subject="anonymous"):
-    ledger = gw.gateway.hooks.pm.get_plugin("budgets").ledger
+    """The subject's rows once the settlements queued so far reached the store (they are sent in
+    the background, after the answer)."""
+    plugin = gw.gateway.hooks.pm.get_plugin("budgets")
+    await asyncio.wait_for(plugin.settled(), timeout=5)
+    ledger = plugin.ledger
     rows = (await ledger.report(Subject(scope, subject)))["windows"]
     return {(r["metric"], r["window"]): r for r in rows}
 
@@ -178,10 +182,20 @@ class FlakyStore(MemoryStore):
             raise StoreUnavailable("down")
         return await super().reserve(*args, **kwargs)
 
+    async def reserve_plan(self, *args, **kwargs):
+        if self.down:
+            raise StoreUnavailable("down")
+        return await super().reserve_plan(*args, **kwargs)
+
     async def commit(self, *args, **kwargs):
         if self.down:
             raise StoreUnavailable("down")
         return await super().commit(*args, **kwargs)
+
+    async def commit_metrics(self, *args, **kwargs):
+        if self.down:
+            raise StoreUnavailable("down")
+        return await super().commit_metrics(*args, **kwargs)
 
     async def release(self, *args, **kwargs):
         if self.down:
@@ -232,6 +246,7 @@ async def test_settlement_retried_when_the_store_comes_back():
 
         plugin._settle = down_then_settle
         life_result = await gw.chat("hi", answer=ANSWER)
+        await asyncio.wait_for(plugin.settled(), timeout=5)
         assert life_result.status == 200 and len(plugin.pending.queue) == 1
         row = await tokens_day()
         assert row["reserved"] > 0  # not settled yet: the worst case is held
