@@ -1,7 +1,8 @@
 """Added latency of the budget and context policies, at 1 and 16 concurrent clients.
 
-Runs in-process against a redis-server of its own on loopback (and the memory store), timing each
-policy's request-path hook the way the gateway calls it:
+Runs in-process against Redis on loopback (127.0.0.1:6379 by default, keys under a prefix of this
+run, deleted at the end; ``--redis-url own`` starts a redis-server of its own) and the memory
+store, timing each policy's request-path hook the way the gateway calls it:
 
 * ``budgets admission``: ``extproc_request_parsed`` (token estimate + one atomic Lua reservation
   over the tenant's counters: 3 limited + tracked windows, one round trip), target p50 < 0.3 ms
@@ -14,7 +15,12 @@ policy's request-path hook the way the gateway calls it:
 * ``retrieval``: 2 documents / ~24 chunks ranked against the question, embeddings cached in the
   store (the common case of re-sent documents) and uncached (MiniLM runs).
 
-    .venv/bin/python benchmarks/bench_budget_context.py [--requests 2000] [--clients 1,16]
+* ``gateway``: the whole ``budgets`` plugin through Envoy and the service (wrk against a stub
+  upstream, the default plugins, with and without ``budgets``, both on the same Redis): the p50
+  and p99 it adds at 1 and 16 connections.
+
+    flock /tmp/bench.lock .venv/bin/python benchmarks/bench_budget_context.py [--requests 2000] [--clients 1,16]
+        [--cases budgets,gateway] [--redis-url redis://127.0.0.1:6379/0 | own]
 
 Clients are coroutines in one event loop (the way one gateway worker serves concurrent streams);
 with 16 the figures include waiting for the loop and for Redis. Bounded: a few thousand
@@ -152,9 +158,11 @@ CHAT = {"model": "auto", "max_tokens": 16, "messages": [
     {"role": "user", "content": " ".join(f"word{i}" for i in range(140))}]}
 
 
+BUDGET_LIMITS = {"tokens_per_minute": 10**12, "tokens_per_day": 10**12, "usd_per_month": 10**6}
+
+
 async def bench_budgets(store_name: str, redis_url: str | None, n: int, client_counts: list[int]) -> None:
-    limits = {"tokens_per_minute": 10**12, "tokens_per_day": 10**12, "usd_per_month": 10**6}
-    gw = gateway([{"name": "budgets", "settings": {"tenants": {"acme": limits}, "track": {"tenant": ["day", "month"]}}}],
+    gw = gateway([{"name": "budgets", "settings": {"tenants": {"acme": BUDGET_LIMITS}, "track": {"tenant": ["day", "month"]}}}],
                  redis_url)
     await gw.start()
     plugin = gw.hooks.pm.get_plugin("budgets")
@@ -291,13 +299,70 @@ async def bench_retrieval(redis_url: str, n: int, client_counts: list[int]) -> N
         await gw.stop()
 
 
+def bench_gateway(redis_url: str, duration: float, client_counts: list[int], rounds: int, workers: int) -> None:
+    """Through Envoy and the service (``bench_extproc_hop.py`` case b: the default plugins, a stub
+    upstream, wrk), with and without ``budgets`` (listed first, before routing; the same limits as
+    above on the tenant ``anonymous``); both on the same Redis. Rounds alternate the two configs."""
+    import types
+
+    import yaml
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_extproc_hop as hop
+
+    wrk = hop.ensure_wrk()
+    work = Path(tempfile.mkdtemp(prefix="bench-budgets-gw-"))
+    stub_port = free_port()
+    stub = hop.Proc("stub", [sys.executable, str(hop.STUB), "--port", str(stub_port), "--workers", "1"],
+                    work / "logs" / "stub.log").start()
+    results: dict[tuple[str, int], list[dict]] = {}
+    try:
+        hop.wait_for(lambda: hop.http_get_ok(f"http://127.0.0.1:{stub_port}/health"), 20, "stub", [stub])
+        for r in range(rounds):
+            for label, with_budgets in (("without budgets", False), ("with budgets", True)):
+                cfg = yaml.safe_load(hop.extproc_config(work, workers, []).read_text())
+                cfg["state"].update({"redis_url": redis_url, "key_prefix": f"bench{os.getpid()}:"})
+                if with_budgets:
+                    cfg["plugins"].insert(0, {"name": "budgets", "settings": {
+                        "tenants": {"anonymous": BUDGET_LIMITS}, "track": {"tenant": ["day", "month"]}}})
+                path = work / f"gateway-{'budgets' if with_budgets else 'plain'}.yaml"
+                path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+                args = types.SimpleNamespace(extproc_config=str(path), extproc_cmd=hop.DEFAULT_EXTPROC_CMD,
+                                             extproc_workers=workers, envoy_concurrency=2, plugins="")
+                case = hop.case_b(args, work, stub_port)
+                try:
+                    hop.run_wrk(wrk, case.url, 16, 2, 2)  # warm-up
+                    for clients in client_counts:
+                        res = hop.run_wrk(wrk, case.url, clients, duration, 2)
+                        results.setdefault((label, clients), []).append(res)
+                        print(f"|   round {r + 1}, {label}, {clients} connections: p50 {res['p50_us'] / 1000:.2f} ms, "
+                              f"p99 {res['p99_us'] / 1000:.2f} ms, {res['rps']:.0f} req/s, errors {res['errors']} "
+                              f"| | | | | |", flush=True)
+                finally:
+                    case.stop()
+    finally:
+        stub.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    for clients in client_counts:
+        plain = statistics.median(x["p50_us"] for x in results[("without budgets", clients)]) / 1000
+        budgets = statistics.median(x["p50_us"] for x in results[("with budgets", clients)]) / 1000
+        plain99 = statistics.median(x["p99_us"] for x in results[("without budgets", clients)]) / 1000
+        budgets99 = statistics.median(x["p99_us"] for x in results[("with budgets", clients)]) / 1000
+        print(f"| budgets plugin through the gateway: p50 {plain:.2f} -> {budgets:.2f} ms (+{budgets - plain:.2f}), "
+              f"p99 {plain99:.2f} -> {budgets99:.2f} ms | {clients:>2} | {budgets - plain:+8.3f} | | "
+              f"{budgets99 - plain99:+8.3f} | {rounds} x {duration:.0f} s |", flush=True)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=2000, help="operations per case")
     parser.add_argument("--clients", default="1,16")
-    parser.add_argument("--cases", default="budgets,memory,tenancy,context,retrieval",
+    parser.add_argument("--cases", default="budgets,memory,tenancy,context,retrieval,gateway",
                         help="comma list of: budgets (Redis), memory (budgets, memory store), tenancy, "
-                             "context, retrieval")
+                             "context, retrieval, gateway (the budgets plugin through Envoy and the service)")
+    parser.add_argument("--gateway-duration", type=float, default=8.0, help="seconds per wrk run (gateway case)")
+    parser.add_argument("--gateway-rounds", type=int, default=2, help="alternating rounds (gateway case)")
+    parser.add_argument("--gateway-workers", type=int, default=2, help="service workers (gateway case)")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0",
                         help="Redis on loopback (keys under a prefix of this run, deleted at the end); "
                              "'own' starts a redis-server of its own")
@@ -320,6 +385,8 @@ async def main() -> None:
             await bench_context(args.requests, client_counts)
         if "retrieval" in cases:
             await bench_retrieval(url, args.requests, client_counts)
+        if "gateway" in cases:
+            bench_gateway(url, args.gateway_duration, client_counts, args.gateway_rounds, args.gateway_workers)
         print(f"load average after: {os.getloadavg()[0]:.2f}")
     finally:
         await delete_bench_keys(url)
