@@ -24,7 +24,10 @@ run with EVALSHA; memory: the same logic in one synchronous step of the event lo
 :meth:`reserve` (a list of :class:`Charge`) is the same operation without a prepared plan.
 
 Each counter ``K`` holds spent + reserved; a companion ``K:held`` holds the reserved part, so
-``K - K:held`` is what was really spent. Counters expire when their window is over. Budget
+``K - K:held`` is what was really spent. A reservation not settled within its TTL (its gateway
+crashed) is *orphaned*: a sweeper (memory: on expiry; Redis: every ``sweep_every``-th admission
+looks at the index of reservations by due time) turns its worst case from reserved into spent, so
+nothing stays "reserved" forever and nothing is under-counted. Counters expire when their window is over. Budget
 counters and records (API keys, budget settings) are never evicted by cache pressure: in memory
 they live outside the LRU, bounded by expiry and by a count cap (past it, new ones raise
 :class:`StoreUnavailable`: refusing is safer than forgetting spend).
@@ -294,6 +297,14 @@ class MemoryStore:
                 item = self._reservations.get(key)
                 if item is not None and item[2] <= now:
                     del self._reservations[key]
+                    self._orphaned(item[0], now)
+
+    def _orphaned(self, held: Mapping[str, int], now: float) -> None:
+        """A reservation never settled (its gateway died): its worst case stays charged, as spent."""
+        for key, reserved in held.items():
+            hold = self._counters.get(key + HELD_SUFFIX)
+            if hold is not None and hold[1] > now:
+                hold[0] -= reserved
 
     def _schedule(self, when: float, kind: str, key: str) -> None:
         self._seq += 1
@@ -362,7 +373,10 @@ class MemoryStore:
                 per_metric: Sequence[int] | None = None, release: bool = False) -> bool:
         now = time.time()
         item = self._reservations.pop(self.prefix + "res:" + reservation_id, None)
-        if item is None or item[2] <= now:
+        if item is None:
+            return False
+        if item[2] <= now:  # too late: it was given up as orphaned
+            self._orphaned(item[0], now)
             return False
         held, which, _ = item
         plen = len(self.prefix)
@@ -422,6 +436,8 @@ class RedisStore:
         self._script_conn = None  # the reservation scripts' own connection
         self._token = next(_store_ids)  # names this store's pre-encoded plans
         self._due_key = _bulk((prefix + "res:due").encode())
+        self.sweep_every = 32  # admissions between two looks for orphaned reservations
+        self._admissions = 0
 
     async def _do(self, coro):
         try:
@@ -621,8 +637,8 @@ class RedisStore:
                 " ".join("-1" if x is None else str(int(x)) for x in plan.limits).encode(),
                 " ".join(str(int(e * 1000)) for e in plan.expire_at).encode(),
                 *[b"0" if v is None else b"1" + bytes(v) for v in plan.expected]]
-        # EVALSHA sha numkeys, keys (+ reservation, due index), args (+ ttl, amounts)
-        items = 3 + len(keys) + 2 + len(args) + 2
+        # EVALSHA sha numkeys, keys (+ reservation, due index), args (+ ttl, amounts, sweep)
+        items = 3 + len(keys) + 2 + len(args) + 3
         head = b"".join([b"*%d\r\n" % items, _bulk(b"EVALSHA"), _bulk(_SHAS["reserve"]),
                          _bulk(str(len(keys) + 2).encode()), *map(_bulk, keys)])
         tail = b"".join(map(_bulk, args))
@@ -632,9 +648,11 @@ class RedisStore:
     async def reserve_plan(self, reservation_id: str, plan: ReservePlan, amounts: Sequence[int],
                            ttl: float) -> ReserveResult:
         head, tail = self._packed_plan(plan)
+        self._admissions += 1
+        sweep = b"16" if self._admissions % self.sweep_every == 0 else b"0"
         packed = b"".join((head, _bulk((self.prefix + "res:" + reservation_id).encode()), self._due_key, tail,
                            _bulk(b"%d" % max(1, int(ttl * 1000))),
-                           _bulk(" ".join(str(int(a)) for a in amounts).encode())))
+                           _bulk(" ".join(str(int(a)) for a in amounts).encode()), _bulk(sweep)))
         result = await self._call_script("reserve", packed)
         status, failed, *rest = result
         if status == 2:
@@ -676,16 +694,50 @@ class RedisStore:
         return [(ints[i], ints[i + 1]) for i in range(0, len(ints), 2)]
 
 
-# KEYS: n counters, m guarded records, the reservation record, the index of reservations by due time.
-# ARGV: n, m, each counter's metric index, limit (-1: none) and expiry (Unix ms) as space-separated
-# lists, the m expected record values ('0': absent, '1' .. value), the reservation's TTL in ms, the
-# amount per metric (space-separated). A guarded record that changed: nothing charged, returns
-# {2, j, current values...}. Else all or nothing: {1, 0, levels...} or {0, i, levels...}. The
-# reservation is one string: its metric indexes, its amounts, then its counters, a line each.
-# Few redis.call()s (one MGET, two INCRBYs a counter, one SET): their count is the script's cost.
-_RESERVE_LUA = """
+# A reservation record is one string: its metric indexes, its amounts (space-separated), then its
+# counters, a line each. The index of reservations by due time (a sorted set) holds the reservation
+# key and its record, so an orphan can be swept after its record expired.
+_LUA_RECORDS = """
+local function parse(record)
+  local lines = {}
+  for line in string.gmatch(record, '[^\\n]+') do lines[#lines + 1] = line end
+  local metric, reserved, keys = {}, {}, {}
+  for w in string.gmatch(lines[1] or '', '%S+') do metric[#metric + 1] = tonumber(w) end
+  for w in string.gmatch(lines[2] or '', '%S+') do reserved[#reserved + 1] = tonumber(w) end
+  for i = 3, #lines do keys[#keys + 1] = lines[i] end
+  return metric, reserved, keys
+end
+"""
+
+# KEYS: n counters, m guarded records, the reservation record, the due index. ARGV: n, m, each
+# counter's metric index, limit (-1: none) and expiry (Unix ms) as space-separated lists, the m
+# expected record values ('0': absent, '1' .. value), the reservation's TTL in ms, the amount per
+# metric (space-separated), how many orphans to sweep first (0: none). A guarded record that
+# changed: nothing charged, returns {2, j, current values...}. Else all or nothing: {1, 0,
+# levels...} or {0, i, levels...}. Few redis.call()s (one MGET, two INCRBYs a counter, SET, ZADD):
+# their count is the script's cost.
+_RESERVE_LUA = _LUA_RECORDS + """
+if redis.replicate_commands then redis.replicate_commands() end  -- TIME before writes (Redis < 5)
 local n = tonumber(ARGV[1])
 local m = tonumber(ARGV[2])
+local res, due = KEYS[n + m + 1], KEYS[n + m + 2]
+local sweep = tonumber(ARGV[8 + m])
+if sweep > 0 then
+  -- orphans (never settled within their TTL): their worst case stays charged, as spent
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  for _, member in ipairs(redis.call('ZRANGEBYSCORE', due, '-inf', now, 'LIMIT', 0, sweep)) do
+    local cut = string.find(member, '\\n', 1, true)
+    if redis.call('EXISTS', string.sub(member, 1, cut - 1)) == 0 then
+      local _, reserved, keys = parse(string.sub(member, cut + 1))
+      for i = 1, #keys do
+        local hk = keys[i] .. ':held'
+        if redis.call('EXISTS', hk) == 1 then redis.call('DECRBY', hk, reserved[i]) end
+      end
+    end
+    redis.call('ZREM', due, member)
+  end
+end
 if m > 0 then
   local current = redis.call('MGET', unpack(KEYS, n + 1, n + m))
   for j = 1, m do
@@ -725,52 +777,53 @@ for i = 1, n do
   if redis.call('INCRBY', KEYS[i], a) == amount then redis.call('PEXPIREAT', KEYS[i], expire[i]) end
   if redis.call('INCRBY', held, a) == amount then redis.call('PEXPIREAT', held, expire[i]) end
 end
-redis.call('SET', KEYS[n + m + 1], ARGV[3] .. '\\n' .. table.concat(amounts, ' ') .. '\\n' ..
-           table.concat(KEYS, '\\n', 1, n), 'PX', ARGV[6 + m])
+if n > 0 then
+  local ttl = tonumber(ARGV[6 + m])
+  local record = ARGV[3] .. '\\n' .. table.concat(amounts, ' ') .. '\\n' .. table.concat(KEYS, '\\n', 1, n)
+  redis.call('SET', res, record, 'PX', ttl)
+  local t = redis.call('TIME')
+  redis.call('ZADD', due, tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + ttl, res .. '\\n' .. record)
+end
 return {1, 0, unpack(levels)}
 """
 
 # KEYS[1]: the reservation record; KEYS[2]: the due index. ARGV[1]: 'release'; or 'metric' and the
 # real amount per metric (space-separated; negative: keep the reserved amount); or 'key' and
 # (counter key, real amount) pairs (a reserved counter not named keeps its reserved amount). Once
-# only: a reservation already settled (or expired) is left alone and 0 returned. A counter whose
-# window is over (gone) is not brought back.
-_SETTLE_LUA = """
+# only: a reservation already settled (or expired: orphaned) is left alone and 0 returned. A
+# counter whose window is over (gone) is not brought back.
+_SETTLE_LUA = _LUA_RECORDS + """
 local record = redis.call('GET', KEYS[1])
 if not record then return 0 end
-local lines = {}
-for line in string.gmatch(record, '[^\\n]+') do lines[#lines + 1] = line end
-local metric, reserved = {}, {}
-for w in string.gmatch(lines[1] or '', '%S+') do metric[#metric + 1] = tonumber(w) end
-for w in string.gmatch(lines[2] or '', '%S+') do reserved[#reserved + 1] = tonumber(w) end
-local n = #lines - 2
+local metric, reserved, keys = parse(record)
+local n = #keys
+local mode = ARGV[1]
+local actual = {}
+if mode == 'metric' then
+  local j = 0
+  for w in string.gmatch(ARGV[2], '%S+') do actual[j] = tonumber(w); j = j + 1 end
+elseif mode == 'key' then
+  for i = 2, #ARGV, 2 do actual[ARGV[i]] = tonumber(ARGV[i + 1]) end
+end
 if n > 0 then
-  local mode = ARGV[1]
-  local actual = {}
-  if mode == 'metric' then
-    local j = 0
-    for w in string.gmatch(ARGV[2], '%S+') do actual[j] = tonumber(w); j = j + 1 end
-  elseif mode == 'key' then
-    for i = 2, #ARGV, 2 do actual[ARGV[i]] = tonumber(ARGV[i + 1]) end
-  end
   local names = {}
   for i = 1, n do
-    names[2 * i - 1] = lines[i + 2]
-    names[2 * i] = lines[i + 2] .. ':held'
+    names[2 * i - 1] = keys[i]
+    names[2 * i] = keys[i] .. ':held'
   end
   local current = redis.call('MGET', unpack(names))
   for i = 1, n do
-    local key = lines[i + 2]
     local final = 0
     if mode == 'metric' then
       final = actual[metric[i]]
       if final == nil or final < 0 then final = reserved[i] end
     elseif mode == 'key' then
-      final = actual[key] or reserved[i]
+      final = actual[keys[i]] or reserved[i]
     end
-    if final ~= reserved[i] and current[2 * i - 1] then redis.call('INCRBY', key, final - reserved[i]) end
+    if final ~= reserved[i] and current[2 * i - 1] then redis.call('INCRBY', keys[i], final - reserved[i]) end
     if current[2 * i] then redis.call('DECRBY', names[2 * i], reserved[i]) end
   end
+  redis.call('ZREM', KEYS[2], KEYS[1] .. '\\n' .. record)
 end
 redis.call('DEL', KEYS[1])
 return 1
