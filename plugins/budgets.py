@@ -288,7 +288,8 @@ class Budgets:
         state["settled"] = True
         for i, rid in enumerate(state["open"]):
             op = ("commit", rid, actual) if (i == 0 and actual is not None) else ("release", rid, None)
-            if len(self._settle_queue) < self.settings.settle_queue_size and self._settle_wake is not None:
+            if len(self._settle_queue) + self._settling < self.settings.settle_queue_size and \
+                    self._settle_wake is not None:
                 self._enqueue(op)
             else:  # back-pressure: the store is behind; this request waits for its own settlement
                 await self._apply_or_park(op)
