@@ -415,6 +415,17 @@ class MemoryStore:
 _store_ids = itertools.count()
 
 
+class _Lane:
+    """A connection for reservation scripts and its auto-pipeline: the batch waiting for the wire."""
+
+    __slots__ = ("conn", "busy", "batch")
+
+    def __init__(self):
+        self.conn = None
+        self.busy = False
+        self.batch: list = []
+
+
 class RedisStore:
     """The same interface on Redis (plain Redis: no modules needed)."""
 
@@ -431,9 +442,9 @@ class RedisStore:
         self._redis = redis.Redis(connection_pool=pool)
         self._errors = (redis.RedisError, OSError)
         self._scripts: dict = {}
-        self._scripts_busy = False
-        self._script_batch: list = []
-        self._script_conn = None  # the reservation scripts' own connection
+        # Admissions and settlements each have a connection of their own, so a reconcile being
+        # written never makes the next request's admission wait for it.
+        self._admit_lane, self._settle_lane = _Lane(), _Lane()
         self._token = next(_store_ids)  # names this store's pre-encoded plans
         self._due_key = _bulk((prefix + "res:due").encode())
         self.sweep_every = 32  # admissions between two looks for orphaned reservations
@@ -517,8 +528,9 @@ class RedisStore:
             return False
 
     async def close(self) -> None:
-        if self._script_conn is not None:
-            await self._script_conn.disconnect()
+        for lane in (self._admit_lane, self._settle_lane):
+            if lane.conn is not None:
+                await lane.conn.disconnect()
         await self._redis.aclose()
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
@@ -543,42 +555,38 @@ class RedisStore:
     # Cluster (keys of several tenants). Under concurrency the client's per-command CPU, not Redis,
     # is the cost, so these calls skip redis-py's command layer: each is packed straight into the
     # RESP protocol (the constant part of a plan once), and they go out on a connection of their
-    # own; calls made while one batch is on the wire wait and go out together as the next one
-    # (auto-pipelining: one write and one read for many calls; each script still runs atomically).
-    def _script_connection(self):
-        if self._script_conn is None:
-            self._script_conn = self._redis.connection_pool.make_connection()
-        return self._script_conn
-
-    async def _call_script(self, name: str, packed: bytes):
-        """Send one packed EVALSHA; while a batch is on the wire, wait and go out with the next."""
+    # own (one for admissions, one for settlements); calls made while one batch is on the wire wait
+    # and go out together as the next one (auto-pipelining: one write and one read for many calls;
+    # each script still runs atomically).
+    async def _call_script(self, lane: "_Lane", name: str, packed: bytes):
+        """Send one packed EVALSHA on ``lane``; while a batch is on its wire, wait and go out with the next."""
         import asyncio
 
-        if self._scripts_busy:
+        if lane.busy:
             future = asyncio.get_running_loop().create_future()
-            self._script_batch.append((name, packed, future))
+            lane.batch.append((name, packed, future))
             return await future
-        self._scripts_busy = True
+        lane.busy = True
         try:
-            result = (await self._send_scripts([(name, packed, None)]))[0]
+            result = (await self._send_scripts(lane, [(name, packed, None)]))[0]
         finally:
-            self._next_script_batch()
+            self._next_script_batch(lane)
         if isinstance(result, BaseException):
             raise StoreUnavailable(str(result)) from result
         return result
 
-    def _next_script_batch(self) -> None:
+    def _next_script_batch(self, lane: "_Lane") -> None:
         import asyncio
 
-        if self._script_batch:
-            batch, self._script_batch = self._script_batch, []
-            asyncio.get_running_loop().create_task(self._flush_scripts(batch))  # stays busy
+        if lane.batch:
+            batch, lane.batch = lane.batch, []
+            asyncio.get_running_loop().create_task(self._flush_scripts(lane, batch))  # stays busy
         else:
-            self._scripts_busy = False
+            lane.busy = False
 
-    async def _flush_scripts(self, batch: list) -> None:
+    async def _flush_scripts(self, lane: "_Lane", batch: list) -> None:
         try:
-            results = await self._send_scripts(batch)
+            results = await self._send_scripts(lane, batch)
             for (_, _, future), result in zip(batch, results):
                 if future.done():  # its caller went away
                     continue
@@ -592,13 +600,15 @@ class RedisStore:
                     future.set_exception(StoreUnavailable(f"batch failed: {exc!r}"))
             raise
         finally:
-            self._next_script_batch()
+            self._next_script_batch(lane)
 
-    async def _send_scripts(self, batch: list) -> list:
+    async def _send_scripts(self, lane: "_Lane", batch: list) -> list:
         """Write the packed calls at once and read every answer (a value or the exception)."""
         from redis.exceptions import NoScriptError, ResponseError
 
-        conn = self._script_connection()
+        if lane.conn is None:
+            lane.conn = self._redis.connection_pool.make_connection()
+        conn = lane.conn
         results: list = []
         try:
             await conn.send_packed_command(b"".join(packed for _, packed, _ in batch), check_health=False)
@@ -616,7 +626,7 @@ class RedisStore:
             try:
                 for name in {batch[i][0] for i in again}:
                     await self._redis.script_load(_SCRIPTS[name])
-                retried = await self._send_scripts([batch[i] for i in again])
+                retried = await self._send_scripts(lane, [batch[i] for i in again])
             except self._errors as exc:
                 retried = [exc] * len(again)
             for i, r in zip(again, retried):
@@ -653,7 +663,7 @@ class RedisStore:
         packed = b"".join((head, _bulk((self.prefix + "res:" + reservation_id).encode()), self._due_key, tail,
                            _bulk(b"%d" % max(1, int(ttl * 1000))),
                            _bulk(" ".join(str(int(a)) for a in amounts).encode()), _bulk(sweep)))
-        result = await self._call_script("reserve", packed)
+        result = await self._call_script(self._admit_lane, "reserve", packed)
         status, failed, *rest = result
         if status == 2:
             return ReserveResult(False, stale=[None if v == b"0" else bytes(v[1:]) for v in rest])
@@ -668,7 +678,7 @@ class RedisStore:
         packed = b"".join((b"*%d\r\n" % (6 + len(args)), _bulk(b"EVALSHA"), _bulk(_SHAS["settle"]), _bulk(b"2"),
                            _bulk((self.prefix + "res:" + reservation_id).encode()), self._due_key, _bulk(mode),
                            *map(_bulk, args)))
-        return bool(int(await self._call_script("settle", packed)))
+        return bool(int(await self._call_script(self._settle_lane, "settle", packed)))
 
     async def commit(self, reservation_id: str, actual: Mapping[str, int]) -> bool:
         args: list[bytes] = []

@@ -148,7 +148,7 @@ async def test_redis_down_fails_every_batched_call():
     results = await asyncio.gather(*[s.reserve(f"r{i}", [Charge("c", 1, 1, later())], ttl=1) for i in range(5)],
                                    return_exceptions=True)
     assert all(isinstance(r, StoreUnavailable) for r in results)
-    assert not s._scripts_busy  # nothing left waiting
+    assert not s._admit_lane.busy and not s._settle_lane.busy  # nothing left waiting
     await s.close()
 
 
