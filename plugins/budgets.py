@@ -159,15 +159,7 @@ class Budgets:
         return {"requests": 1, "tokens": prompt + completion, "usd": usd_to_units(usd)}
 
     @hookimpl
-    async def extproc_request_parsed(self, ctx):
-        started = time.perf_counter()
-        try:
-            return await self._admit(ctx)
-        finally:
-            ctx.timings_ms[f"plugin:{NAME}"] = ctx.timings_ms.get(f"plugin:{NAME}", 0.0) + (
-                time.perf_counter() - started) * 1000.0
-
-    async def _admit(self, ctx):
+    async def extproc_request_parsed(self, ctx):  # timed by the plugin manager ("plugin:budgets")
         subjects = subjects_of(ctx.tenant, ctx.workflow, ctx.api_key_id)
         tier_name, tier = self._expected_tier(ctx)
         amounts = self._worst_case(ctx, tier)
@@ -226,29 +218,24 @@ class Budgets:
         state = ctx.plugin_state.get(NAME)
         if state is None or ctx.tier == state["tier"] or ctx.tier_config is None:
             return None
-        started = time.perf_counter()
-        try:
-            reserved = state["amounts"]
-            needed = self._worst_case(ctx, ctx.tier_config)
-            extra = {m: needed[m] - reserved[m] for m in ("tokens", "usd") if needed[m] > reserved[m]}
-            if not extra:
-                return None
-            rid = uuid.uuid4().hex
-            try:
-                admission = await self.ledger.reserve(rid, state["subjects"], extra,
-                                                      ttl=self.settings.reservation_ttl_seconds)
-            except StoreUnavailable as exc:
-                return self._store_down(ctx, exc)
-            except asyncio.CancelledError:
-                self._release_later(rid)
-                raise
-            if not admission.ok:
-                return self._refuse(ctx, admission)
-            state["open"].append(rid)
+        reserved = state["amounts"]
+        needed = self._worst_case(ctx, ctx.tier_config)
+        extra = {m: needed[m] - reserved[m] for m in ("tokens", "usd") if needed[m] > reserved[m]}
+        if not extra:
             return None
-        finally:
-            ctx.timings_ms[f"plugin:{NAME}"] = ctx.timings_ms.get(f"plugin:{NAME}", 0.0) + (
-                time.perf_counter() - started) * 1000.0
+        rid = uuid.uuid4().hex
+        try:
+            admission = await self.ledger.reserve(rid, state["subjects"], extra,
+                                                  ttl=self.settings.reservation_ttl_seconds)
+        except StoreUnavailable as exc:
+            return self._store_down(ctx, exc)
+        except asyncio.CancelledError:
+            self._release_later(rid)
+            raise
+        if not admission.ok:
+            return self._refuse(ctx, admission)
+        state["open"].append(rid)
+        return None
 
     # settling --------------------------------------------------------------------------------
     @hookimpl
