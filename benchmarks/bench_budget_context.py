@@ -299,7 +299,8 @@ async def bench_retrieval(redis_url: str, n: int, client_counts: list[int]) -> N
         await gw.stop()
 
 
-def bench_gateway(redis_url: str, duration: float, client_counts: list[int], rounds: int, workers: int) -> None:
+def bench_gateway(redis_url: str, duration: float, client_counts: list[int], rounds: int, workers: int,
+                  extproc_cmd: str | None = None) -> None:
     """Through Envoy and the service (``bench_extproc_hop.py`` case b: the default plugins, a stub
     upstream, wrk), with and without ``budgets`` (listed first, before routing; the same limits as
     above on the tenant ``anonymous``); both on the same Redis. Rounds alternate the two configs."""
@@ -327,7 +328,7 @@ def bench_gateway(redis_url: str, duration: float, client_counts: list[int], rou
                         "tenants": {"anonymous": BUDGET_LIMITS}, "track": {"tenant": ["day", "month"]}}})
                 path = work / f"gateway-{'budgets' if with_budgets else 'plain'}.yaml"
                 path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-                args = types.SimpleNamespace(extproc_config=str(path), extproc_cmd=hop.DEFAULT_EXTPROC_CMD,
+                args = types.SimpleNamespace(extproc_config=str(path), extproc_cmd=extproc_cmd or hop.DEFAULT_EXTPROC_CMD,
                                              extproc_workers=workers, envoy_concurrency=2, plugins="")
                 case = hop.case_b(args, work, stub_port)
                 try:
@@ -363,6 +364,9 @@ async def main() -> None:
     parser.add_argument("--gateway-duration", type=float, default=8.0, help="seconds per wrk run (gateway case)")
     parser.add_argument("--gateway-rounds", type=int, default=2, help="alternating rounds (gateway case)")
     parser.add_argument("--gateway-workers", type=int, default=2, help="service workers (gateway case)")
+    parser.add_argument("--gateway-extproc-cmd", help="service command (gateway case; bench_extproc_hop.py's "
+                        "--extproc-cmd placeholders), e.g. 'env PYTHONPATH=/tmp/old {bindir}/extproc serve "
+                        "--config {config} --port {port} --workers {workers}' to measure another checkout")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0",
                         help="Redis on loopback (keys under a prefix of this run, deleted at the end); "
                              "'own' starts a redis-server of its own")
@@ -386,7 +390,8 @@ async def main() -> None:
         if "retrieval" in cases:
             await bench_retrieval(url, args.requests, client_counts)
         if "gateway" in cases:
-            bench_gateway(url, args.gateway_duration, client_counts, args.gateway_rounds, args.gateway_workers)
+            bench_gateway(url, args.gateway_duration, client_counts, args.gateway_rounds, args.gateway_workers,
+                          args.gateway_extproc_cmd)
         print(f"load average after: {os.getloadavg()[0]:.2f}")
     finally:
         await delete_bench_keys(url)
