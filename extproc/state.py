@@ -418,10 +418,11 @@ _store_ids = itertools.count()
 class _Lane:
     """A connection for reservation scripts and its auto-pipeline: the batch waiting for the wire."""
 
-    __slots__ = ("conn", "busy", "batch")
+    __slots__ = ("conn", "busy", "batch", "task")
 
     def __init__(self):
         self.conn = None
+        self.task = None
         self.busy = False
         self.batch: list = []
 
@@ -580,7 +581,8 @@ class RedisStore:
 
         if lane.batch:
             batch, lane.batch = lane.batch, []
-            asyncio.get_running_loop().create_task(self._flush_scripts(lane, batch))  # stays busy
+            # stays busy; the lane keeps the task (the loop holds tasks only weakly)
+            lane.task = asyncio.get_running_loop().create_task(self._flush_scripts(lane, batch))
         else:
             lane.busy = False
 

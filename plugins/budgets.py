@@ -134,7 +134,11 @@ class Budgets:
                 await asyncio.wait_for(self.settled(), timeout=max(5.0, len(self._settle_queue) / 100))
             except asyncio.TimeoutError:
                 log.error("budgets: %d settlement(s) still queued at shutdown", len(self._settle_queue))
-            self._settle_task.cancel()
+            self._settle_task.cancel()  # later settlements (streams still closing) are applied inline
+            try:
+                await self._settle_task
+            except asyncio.CancelledError:
+                pass
         if self._retry_task is not None:
             self._retry_task.cancel()
         await self._retry_pending()  # a last try before the worker exits
@@ -276,7 +280,7 @@ class Budgets:
         for i, rid in enumerate(state["open"]):
             op = ("commit", rid, actual) if (i == 0 and actual is not None) else ("release", rid, None)
             if len(self._settle_queue) + self._settling < self.settings.settle_queue_size and \
-                    self._settle_wake is not None:
+                    self._settle_task is not None and not self._settle_task.done():
                 self._enqueue(op)
             else:  # back-pressure: the store is behind; this request waits for its own settlement
                 await self._apply_or_park(op)
@@ -318,8 +322,10 @@ class Budgets:
 
     def _release_later(self, rid: str) -> None:
         """Release a reservation whose caller was cancelled (queued; retried if the store is down)."""
-        if self._settle_wake is not None:
+        if self._settle_task is not None and not self._settle_task.done():
             self._enqueue(("release", rid, None))
+        else:  # shutting down: no queue any more
+            self.pending.add((("release", rid, None), time.monotonic() + self.settings.reservation_ttl_seconds))
 
     async def _apply(self, op) -> None:
         kind, rid, actual = op
