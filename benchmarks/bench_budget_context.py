@@ -1,18 +1,26 @@
 """Added latency of the budget and context policies, at 1 and 16 concurrent clients.
 
-Runs in-process against a redis-server of its own on loopback (and the memory store), timing each
-policy's request-path hook the way the gateway calls it:
+Runs in-process against Redis on loopback (127.0.0.1:6379 by default, keys under a prefix of this
+run, deleted at the end; ``--redis-url own`` starts a redis-server of its own) and the memory
+store, timing each policy's request-path hook the way the gateway calls it:
 
 * ``budgets admission``: ``extproc_request_parsed`` (token estimate + one atomic Lua reservation
-  over the tenant's counters: 3 limited + tracked windows), target p50 < 0.3 ms on Redis;
-* ``budgets reconcile``: ``extproc_response_complete`` (the settle Lua script; after the answer);
+  over the tenant's counters: 3 limited + tracked windows, one round trip), target p50 < 0.3 ms
+  on Redis;
+* ``budgets reconcile``: ``extproc_response_complete``: what the response path waits for (queueing
+  the settlement), then how long until every queued reconcile landed in the store (background);
 * ``tenancy``: API key lookup (HMAC + in-process cache; and uncached, one Redis GET);
 * ``context_caps``: a 300-token chat under the cap (count only), and a 50,000-token prompt cut to
   1,000 tokens by ``trim_middle`` and ``drop_oldest``;
 * ``retrieval``: 2 documents / ~24 chunks ranked against the question, embeddings cached in the
   store (the common case of re-sent documents) and uncached (MiniLM runs).
 
-    .venv/bin/python benchmarks/bench_budget_context.py [--requests 2000] [--clients 1,16]
+* ``gateway``: the whole ``budgets`` plugin through Envoy and the service (wrk against a stub
+  upstream, the default plugins, with and without ``budgets``, both on the same Redis): the p50
+  and p99 it adds at 1 and 16 connections.
+
+    flock /tmp/bench.lock .venv/bin/python benchmarks/bench_budget_context.py [--requests 2000] [--clients 1,16]
+        [--cases budgets,gateway] [--redis-url redis://127.0.0.1:6379/0 | own]
 
 Clients are coroutines in one event loop (the way one gateway worker serves concurrent streams);
 with 16 the figures include waiting for the loop and for Redis. Bounded: a few thousand
@@ -34,7 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # after PYTHONPATH: another checkout may be measured
 
 from extproc.api_keys import KeyRing  # noqa: E402
 from extproc.config import PluginEntry, load_config  # noqa: E402
@@ -69,6 +77,32 @@ def start_redis() -> tuple[subprocess.Popen, str]:
             time.sleep(0.05)
     proc.kill()
     sys.exit("redis-server did not start")
+
+
+def hiredis_available() -> bool:
+    try:
+        from redis.utils import HIREDIS_AVAILABLE
+    except ImportError:
+        return False
+    return bool(HIREDIS_AVAILABLE)
+
+
+async def delete_bench_keys(url: str) -> None:
+    """Delete this run's keys (every gateway here uses the prefix ``bench<pid>:``)."""
+    import redis.asyncio as redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        batch = []
+        async for key in client.scan_iter(match=f"bench{os.getpid()}:*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                await client.unlink(*batch)
+                batch = []
+        if batch:
+            await client.unlink(*batch)
+    finally:
+        await client.aclose()
 
 
 def gateway(plugins: list[dict], redis_url: str | None) -> Gateway:
@@ -124,38 +158,53 @@ CHAT = {"model": "auto", "max_tokens": 16, "messages": [
     {"role": "user", "content": " ".join(f"word{i}" for i in range(140))}]}
 
 
+BUDGET_LIMITS = {"tokens_per_minute": 10**12, "tokens_per_day": 10**12, "usd_per_month": 10**6}
+
+
 async def bench_budgets(store_name: str, redis_url: str | None, n: int, client_counts: list[int]) -> None:
-    limits = {"tokens_per_minute": 10**12, "tokens_per_day": 10**12, "usd_per_month": 10**6}
-    gw = gateway([{"name": "budgets", "settings": {"tenants": {"acme": limits}, "track": {"tenant": ["day", "month"]}}}],
+    gw = gateway([{"name": "budgets", "settings": {"tenants": {"acme": BUDGET_LIMITS}, "track": {"tenant": ["day", "month"]}}}],
                  redis_url)
     await gw.start()
     plugin = gw.hooks.pm.get_plugin("budgets")
     try:
         for clients in client_counts:
-            pending: dict[int, RequestContext] = {}
+            # The requests are parsed beforehand: only the hook is timed (parsing is the gateway's).
+            contexts = {}
+            for i in range(-60, n):
+                ctx = contexts[i] = ctx_for(CHAT)
+                ctx.prompt_tokens_estimate = 160  # set by context_caps when it runs first
+            admitted: dict[int, RequestContext] = {}
 
             async def admit(i):
-                ctx = ctx_for(CHAT)
-                ctx.prompt_tokens_estimate = 160  # set by context_caps when it runs first
+                ctx = contexts.pop(i)
                 await plugin.extproc_request_parsed(ctx)
-                pending[i] = ctx
+                admitted[i] = ctx
 
             ms = await measure(admit, n, clients)
             row(f"budgets admission ({store_name})", clients, ms)
-
-            async def reconcile(i):
-                ctx = pending.pop(i) if i in pending else pending.popitem()[1]
+            for ctx in admitted.values():
                 ctx.usage = Usage(160, 16)
                 ctx.cost_usd = 0.00002
                 ctx.outcome = "completed"
+
+            async def reconcile(i):
+                ctx = admitted.pop(i) if i in admitted else admitted.popitem()[1]
                 await plugin.extproc_response_complete(ctx)
 
-            ms = await measure(reconcile, min(n, len(pending) - 50), clients)  # warm-up settles 50 too
-            row(f"budgets reconcile ({store_name})", clients, ms)
-            for ctx in list(pending.values()):
+            started = time.perf_counter()
+            ms = await measure(reconcile, min(n, len(admitted) - 50), clients)  # warm-up settles 50 too
+            row(f"budgets reconcile, on the response path ({store_name})", clients, ms)
+            if hasattr(plugin, "settled"):  # (an older checkout reconciles inline)
+                await plugin.settled()  # every reconcile queued in the background has reached the store
+            landed = (time.perf_counter() - started) * 1000.0
+            print(f"|   ({len(ms) + 50} reconciles queued and all landed in the store in {landed:.0f} ms: "
+                  f"{(len(ms) + 50) / landed * 1000:,.0f}/s) | | | | | |", flush=True)
+            for ctx in list(admitted.values()):
                 ctx.outcome = "aborted"
                 await plugin.extproc_request_finished(ctx)
-            pending.clear()
+            admitted.clear()
+            if hasattr(plugin, "settled"):
+                await plugin.settled()
     finally:
         await gw.stop()
 
@@ -252,26 +301,105 @@ async def bench_retrieval(redis_url: str, n: int, client_counts: list[int]) -> N
         await gw.stop()
 
 
+def bench_gateway(redis_url: str, duration: float, client_counts: list[int], rounds: int, workers: int,
+                  extproc_cmd: str | None = None) -> None:
+    """Through Envoy and the service (``bench_extproc_hop.py`` case b: the default plugins, a stub
+    upstream, wrk), with and without ``budgets`` (listed first, before routing; the same limits as
+    above on the tenant ``anonymous``); both on the same Redis. Rounds alternate the two configs."""
+    import types
+
+    import yaml
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_extproc_hop as hop
+
+    wrk = hop.ensure_wrk()
+    work = Path(tempfile.mkdtemp(prefix="bench-budgets-gw-"))
+    stub_port = free_port()
+    stub = hop.Proc("stub", [sys.executable, str(hop.STUB), "--port", str(stub_port), "--workers", "1"],
+                    work / "logs" / "stub.log").start()
+    results: dict[tuple[str, int], list[dict]] = {}
+    try:
+        hop.wait_for(lambda: hop.http_get_ok(f"http://127.0.0.1:{stub_port}/health"), 20, "stub", [stub])
+        for r in range(rounds):
+            for label, with_budgets in (("without budgets", False), ("with budgets", True)):
+                cfg = yaml.safe_load(hop.extproc_config(work, workers, []).read_text())
+                cfg["state"].update({"redis_url": redis_url, "key_prefix": f"bench{os.getpid()}:"})
+                if with_budgets:
+                    cfg["plugins"].insert(0, {"name": "budgets", "settings": {
+                        "tenants": {"anonymous": BUDGET_LIMITS}, "track": {"tenant": ["day", "month"]}}})
+                path = work / f"gateway-{'budgets' if with_budgets else 'plain'}.yaml"
+                path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+                args = types.SimpleNamespace(extproc_config=str(path), extproc_cmd=extproc_cmd or hop.DEFAULT_EXTPROC_CMD,
+                                             extproc_workers=workers, envoy_concurrency=2, plugins="")
+                case = hop.case_b(args, work, stub_port)
+                try:
+                    hop.run_wrk(wrk, case.url, 16, 2, 2)  # warm-up
+                    for clients in client_counts:
+                        res = hop.run_wrk(wrk, case.url, clients, duration, 2)
+                        results.setdefault((label, clients), []).append(res)
+                        print(f"|   round {r + 1}, {label}, {clients} connections: p50 {res['p50_us'] / 1000:.2f} ms, "
+                              f"p99 {res['p99_us'] / 1000:.2f} ms, {res['rps']:.0f} req/s, errors {res['errors']} "
+                              f"| | | | | |", flush=True)
+                finally:
+                    case.stop()
+    finally:
+        stub.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    for clients in client_counts:
+        plain = statistics.median(x["p50_us"] for x in results[("without budgets", clients)]) / 1000
+        budgets = statistics.median(x["p50_us"] for x in results[("with budgets", clients)]) / 1000
+        plain99 = statistics.median(x["p99_us"] for x in results[("without budgets", clients)]) / 1000
+        budgets99 = statistics.median(x["p99_us"] for x in results[("with budgets", clients)]) / 1000
+        print(f"| budgets plugin through the gateway: p50 {plain:.2f} -> {budgets:.2f} ms (+{budgets - plain:.2f}), "
+              f"p99 {plain99:.2f} -> {budgets99:.2f} ms | {clients:>2} | {budgets - plain:+8.3f} | | "
+              f"{budgets99 - plain99:+8.3f} | {rounds} x {duration:.0f} s |", flush=True)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=2000, help="operations per case")
     parser.add_argument("--clients", default="1,16")
+    parser.add_argument("--cases", default="budgets,memory,tenancy,context,retrieval,gateway",
+                        help="comma list of: budgets (Redis), memory (budgets, memory store), tenancy, "
+                             "context, retrieval, gateway (the budgets plugin through Envoy and the service)")
+    parser.add_argument("--gateway-duration", type=float, default=8.0, help="seconds per wrk run (gateway case)")
+    parser.add_argument("--gateway-rounds", type=int, default=2, help="alternating rounds (gateway case)")
+    parser.add_argument("--gateway-workers", type=int, default=2, help="service workers (gateway case)")
+    parser.add_argument("--gateway-extproc-cmd", help="service command (gateway case; bench_extproc_hop.py's "
+                        "--extproc-cmd placeholders), e.g. 'env PYTHONPATH=/tmp/old {bindir}/extproc serve "
+                        "--config {config} --port {port} --workers {workers}' to measure another checkout")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0",
+                        help="Redis on loopback (keys under a prefix of this run, deleted at the end); "
+                             "'own' starts a redis-server of its own")
     args = parser.parse_args()
     client_counts = [int(c) for c in args.clients.split(",")]
-    proc, url = start_redis()
+    cases = {c.strip() for c in args.cases.split(",") if c.strip()}
+    proc, url = (start_redis() if args.redis_url == "own" else (None, args.redis_url))
     try:
-        print(f"load average before: {os.getloadavg()[0]:.2f} (2 cores shared)")
+        print(f"load average before: {os.getloadavg()[0]:.2f} (2 cores shared); Redis {url}; "
+              f"hiredis parser: {hiredis_available()}")
         print("| case | clients | p50 ms | p90 ms | p99 ms | n |")
         print("|---|---:|---:|---:|---:|---:|")
-        await bench_budgets("Redis, loopback", url, args.requests, client_counts)
-        await bench_budgets("memory", None, args.requests, client_counts)
-        await bench_tenancy(url, args.requests, client_counts)
-        await bench_context(args.requests, client_counts)
-        await bench_retrieval(url, args.requests, client_counts)
+        if "budgets" in cases:
+            await bench_budgets("Redis, loopback", url, args.requests, client_counts)
+        if "memory" in cases:
+            await bench_budgets("memory", None, args.requests, client_counts)
+        if "tenancy" in cases:
+            await bench_tenancy(url, args.requests, client_counts)
+        if "context" in cases:
+            await bench_context(args.requests, client_counts)
+        if "retrieval" in cases:
+            await bench_retrieval(url, args.requests, client_counts)
+        if "gateway" in cases:
+            bench_gateway(url, args.gateway_duration, client_counts, args.gateway_rounds, args.gateway_workers,
+                          args.gateway_extproc_cmd)
         print(f"load average after: {os.getloadavg()[0]:.2f}")
     finally:
-        proc.terminate()
-        proc.wait(5)
+        await delete_bench_keys(url)
+        if proc is not None:
+            proc.terminate()
+            proc.wait(5)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,16 @@ read spend). Three **metrics** (``requests``, ``tokens``, ``usd``) over four **w
 Windows are fixed and aligned in UTC (this minute, this hour, today, this calendar month), so a
 refusal can say exactly when the window resets (``Retry-After``). One counter per subject, metric,
 window and bucket; every counter a request touches is reserved in one atomic store operation
-(:meth:`Store.reserve <extproc.state.MemoryStore.reserve>`): either all fit, or none is charged.
-USD is counted in integer nano-dollars, so sums are exact.
+(:meth:`Store.reserve_plan <extproc.state.MemoryStore.reserve_plan>`, one Lua script and one round
+trip on Redis): either all fit, or none is charged. USD is counted in integer nano-dollars, so sums
+are exact.
 
 A subject's limits: an override set through the admin API (a store record) if any, else the
-configuration's own entry for it, else the configuration's default for its scope.
+configuration's own entry for it, else the configuration's default for its scope. Admission does
+not read the overrides first: the plan (counters and limits of a set of subjects, prepared once a
+minute) carries the override records it was made with, the reservation script checks them, and if
+one changed it charges nothing and returns the current ones, which are planned with at once. So an
+override applies to the next admission everywhere, and a request costs one round trip.
 """
 
 from __future__ import annotations
@@ -24,18 +29,19 @@ import calendar
 import functools
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Iterable, Literal, Mapping
 from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .state import Charge, Store
+from .state import ReservePlan, Store, StoreUnavailable
 
 METRICS = ("requests", "tokens", "usd")
 WINDOWS = ("minute", "hour", "day", "month")
 SCOPES = ("tenant", "workflow", "api_key")
+METRIC_INDEX = {m: i for i, m in enumerate(METRICS)}
 NANO = 1_000_000_000  # nano-USD per USD
 
 Scope = Literal["tenant", "workflow", "api_key"]
@@ -189,11 +195,19 @@ class Planned:
 
 
 @dataclass(slots=True)
+class _Prepared:
+    """A set of subjects' counters for one minute: the store plan and what each counter means."""
+
+    plan: ReservePlan
+    planned: list[Planned]
+    limited: list[tuple[int, int]]  # (counter index, limit) of the limited counters
+
+
+@dataclass(slots=True)
 class Admission:
     """The outcome of :meth:`BudgetLedger.reserve`."""
 
     ok: bool
-    keys: dict[str, list[str]] = field(default_factory=dict)  # metric -> counter keys charged
     max_ratio: float = 0.0  # the fullest limited counter after this reservation (1.0 = at the limit)
     refused: Planned | None = None  # the budget that did not fit
     level: int = 0  # its level before this request (spent + reserved)
@@ -208,7 +222,8 @@ class BudgetLedger:
     :param defaults: limits per scope for subjects without their own.
     :param configured: limits of named subjects from the configuration.
     :param track: windows counted per scope even without a limit (so spend can be read).
-    :param settings_ttl: seconds an admin-set override is cached in this process.
+    :param settings_ttl: seconds an admin-set override is cached in this process for reading
+        (:meth:`limits_for`, :meth:`report`); admission checks the overrides in the store each time.
     :param grace: seconds a counter outlives its window (a request admitted at the end of a window
         is reconciled into the window that admitted it).
     """
@@ -225,6 +240,8 @@ class BudgetLedger:
         self.grace = grace
         self.cache_size = cache_size
         self._cache: dict[tuple[str, str], tuple[Limits | None, float]] = {}
+        self._seen: dict[Subject, bytes | None] = {}  # override records as the last admission saw them
+        self._plans: dict[tuple, _Prepared] = {}
 
     # limits ------------------------------------------------------------------------------
     async def overrides(self, subjects: list[Subject]) -> dict[Subject, Limits | None]:
@@ -259,13 +276,14 @@ class BudgetLedger:
         return self.configured.get((subject.scope, subject.id)) or self.defaults.get(subject.scope)
 
     async def set_limits(self, subject: Subject, limits: Limits | None) -> None:
-        """Set (or with None, remove) a subject's override; other processes see it within ``settings_ttl``."""
+        """Set (or with None, remove) a subject's override; the next admission anywhere applies it."""
         key = settings_key(subject.scope, subject.id)
         if limits is None:
             await self.store.delete_record(key)
         else:
             await self.store.put_record(key, limits.model_dump_json(exclude_none=True).encode())
         self._cache.pop((subject.scope, subject.id), None)
+        self._learn((subject,), [None if limits is None else limits.model_dump_json(exclude_none=True).encode()])
 
     # planning --------------------------------------------------------------------------------
     def plan(self, subject_limits: Mapping[Subject, Limits | None], now: float) -> list[tuple[str, Planned]]:
@@ -284,36 +302,71 @@ class BudgetLedger:
                     out.append((key, Planned(subject, metric, window, limit, end)))
         return out
 
+    def _prepared(self, subjects: tuple[Subject, ...], now: float) -> "_Prepared":
+        """The store plan for these subjects in this minute (every window changes on a minute)."""
+        minute = int(now // 60)
+        key = (subjects, minute)
+        hit = self._plans.get(key)
+        if hit is not None:
+            return hit
+        seen = [self._seen.get(s) for s in subjects]
+        limits = {s: self._effective(s, Limits.model_validate_json(raw) if raw else None)
+                  for s, raw in zip(subjects, seen)}
+        planned = self.plan(limits, now)
+        store_plan = ReservePlan(
+            keys=[k for k, _ in planned], metrics=[METRIC_INDEX[p.metric] for _, p in planned],
+            limits=[p.limit for _, p in planned], expire_at=[p.end + self.grace for _, p in planned],
+            guards=[settings_key(s.scope, s.id) for s in subjects], expected=seen)
+        limited = [(i, p.limit) for i, (_, p) in enumerate(planned) if p.limit is not None]
+        prepared = _Prepared(store_plan, [p for _, p in planned], limited)
+        if len(self._plans) >= self.cache_size:
+            self._plans.clear()
+        self._plans[key] = prepared
+        return prepared
+
+    def _learn(self, subjects: tuple[Subject, ...], current: list[bytes | None]) -> None:
+        """The override records as the store has them now (a reservation found them changed)."""
+        if len(self._seen) + len(subjects) > self.cache_size:
+            self._seen.clear()
+        for s, raw in zip(subjects, current):
+            self._seen[s] = raw
+        self._plans = {k: v for k, v in self._plans.items() if not set(k[0]) & set(subjects)}
+
     # the request path ------------------------------------------------------------------------
     async def reserve(self, reservation_id: str, subjects: list[Subject], amounts: Mapping[str, int],
                       *, ttl: float, now: float | None = None) -> Admission:
         """Reserve ``amounts`` (metric -> units) on every counter of ``subjects``, all or nothing."""
         now = time.time() if now is None else now
-        overrides = await self.overrides(subjects)
-        planned = self.plan({s: self._effective(s, overrides[s]) for s in subjects}, now)
-        if not planned:
+        subjects_t = tuple(subjects)
+        vector = [int(amounts.get(m, 0)) for m in METRICS]
+        if not subjects_t:
             return Admission(True)
-        charges = [Charge(key, amounts.get(p.metric, 0), p.limit, p.end + self.grace) for key, p in planned]
-        result = await self.store.reserve(reservation_id, charges, ttl)
+        for _ in range(4):
+            prepared = self._prepared(subjects_t, now)
+            result = await self.store.reserve_plan(reservation_id, prepared.plan, vector, ttl)
+            if result.stale is None:
+                break
+            self._learn(subjects_t, result.stale)  # an override changed: plan with it, once more
+        else:
+            raise StoreUnavailable("budget settings changed on every attempt to reserve")
         if not result.ok:
-            p = planned[result.failed][1]
+            p = prepared.planned[result.failed]
             return Admission(False, refused=p, level=result.levels[result.failed],
-                             requested=charges[result.failed].amount,
+                             requested=vector[METRIC_INDEX[p.metric]],
                              retry_after=max(1, math.ceil(p.end - now)))
-        keys: dict[str, list[str]] = {}
         ratio = 0.0
-        for (key, p), charge, level in zip(planned, charges, result.levels):
-            keys.setdefault(p.metric, []).append(key)
-            if p.limit:
-                ratio = max(ratio, (level + charge.amount) / p.limit)
-            elif p.limit == 0:
+        levels, metrics = result.levels, prepared.plan.metrics
+        for i, limit in prepared.limited:
+            if limit:
+                ratio = max(ratio, (levels[i] + vector[metrics[i]]) / limit)
+            else:
                 ratio = max(ratio, 1.0)
-        return Admission(True, keys=keys, max_ratio=ratio)
+        return Admission(True, max_ratio=ratio)
 
-    async def commit(self, reservation_id: str, keys: Mapping[str, list[str]], actual: Mapping[str, int]) -> bool:
-        """Reconcile a reservation to the real amounts (metric -> units); once."""
-        per_key = {key: int(actual[metric]) for metric, ks in keys.items() if metric in actual for key in ks}
-        return await self.store.commit(reservation_id, per_key)
+    async def commit(self, reservation_id: str, actual: Mapping[str, int]) -> bool:
+        """Reconcile a reservation to the real amounts (metric -> units; a metric not given keeps
+        its reserved amount); once."""
+        return await self.store.commit_metrics(reservation_id, [int(actual.get(m, -1)) for m in METRICS])
 
     async def release(self, reservation_id: str) -> bool:
         """Give a reservation back (aborted or failed request); once."""

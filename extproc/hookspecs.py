@@ -47,6 +47,9 @@ def extproc_shutdown(gateway: "Gateway") -> Awaitable[None] | None:
 def extproc_request_headers(ctx: "RequestContext") -> "Reply | None":
     """The request's headers arrived (the body has not). firstresult: the first Reply answers.
 
+    Also called for ``GET /v1/models`` (``ctx.endpoint`` None, ``ctx.path`` ``/v1/models``), which the
+    gateway answers itself once no plugin refused it: identity policies guard it too.
+
     :param ctx: the request; ``ctx.headers``, ``ctx.path``, ``ctx.endpoint`` are set, ``ctx.request`` is not.
     :return: a Reply to answer now (auth refused, say), or None to go on.
     """

@@ -4,7 +4,8 @@ Envoy hands the ext_proc service one phase at a time; :class:`RequestLifecycle` 
 hook calls and a decision:
 
 1. **request headers**: route the path to an endpoint (``/v1/chat/completions``,
-   ``/v1/completions``; ``GET /v1/models`` is answered here), refuse a body over the size limit,
+   ``/v1/completions``; ``GET /v1/models`` is answered here, once ``extproc_request_headers`` let it
+   through), refuse a body over the size limit,
    strip the gateway's internal ``x-extproc-*`` headers a client may have sent, and call
    ``extproc_request_headers``.
 2. **request body**: parse the OpenAI request (bad input gets an OpenAI-style 4xx), call
@@ -118,7 +119,9 @@ class RequestLifecycle:
         ctx.endpoint = ENDPOINTS.get(path)
         if ctx.endpoint is None:
             if path == MODELS_PATH and method == "GET":
-                return self._reply(Reply.json(200, self.gateway.models_list))
+                # Identity first: where tenancy requires an API key, listing the models needs one too.
+                reply = await self.hooks.first("extproc_request_headers", ctx)
+                return self._reply(reply if reply is not None else Reply.json(200, self.gateway.models_list))
             raise oai.not_found_path(path)
         if method != "POST":
             raise oai.method_not_allowed(method)

@@ -12,13 +12,22 @@ sustained load does not grow without limit.
 counters at once, with the same semantics in both stores (Redis: one Lua script per operation,
 run with EVALSHA; memory: the same logic in one synchronous step of the event loop):
 
-* :meth:`reserve` checks every counter against its limit and, only if all fit, charges them all
-  and records the reservation (what it charged where), or charges nothing;
-* :meth:`commit` replaces the reserved amounts by the real ones (reconcile), once;
+* :meth:`reserve_plan` checks every counter of a :class:`ReservePlan` against its limit and, only
+  if all fit, charges them all and records the reservation (what it charged where, and for which
+  metric), or charges nothing. A plan may also name *guarded records* (budget settings) with the
+  values the caller planned with: if one changed, nothing is charged and the current values come
+  back (:attr:`ReserveResult.stale`), so limits set elsewhere apply at once, in the same round trip;
+* :meth:`commit_metrics` replaces the reserved amounts by the real ones per metric (reconcile), once;
+  :meth:`commit` does the same per counter;
 * :meth:`release` takes the reserved amounts back (aborted or failed requests), once.
 
+:meth:`reserve` (a list of :class:`Charge`) is the same operation without a prepared plan.
+
 Each counter ``K`` holds spent + reserved; a companion ``K:held`` holds the reserved part, so
-``K - K:held`` is what was really spent. Counters expire when their window is over. Budget
+``K - K:held`` is what was really spent. A reservation not settled within its TTL (its gateway
+crashed) is *orphaned*: a sweeper (memory: on expiry; Redis: every ``sweep_every``-th admission
+looks at the index of reservations by due time) turns its worst case from reserved into spent, so
+nothing stays "reserved" forever and nothing is under-counted. Counters expire when their window is over. Budget
 counters and records (API keys, budget settings) are never evicted by cache pressure: in memory
 they live outside the LRU, bounded by expiry and by a count cap (past it, new ones raise
 :class:`StoreUnavailable`: refusing is safer than forgetting spend).
@@ -29,7 +38,9 @@ own copy of every limit. Budgets that must hold across workers and gateways need
 
 from __future__ import annotations
 
+import hashlib
 import heapq
+import itertools
 import sys
 import time
 from collections import OrderedDict, deque
@@ -60,7 +71,10 @@ class Store(Protocol):
     async def get_records(self, keys: Sequence[str]) -> list[bytes | None]: ...
     async def delete_record(self, key: str) -> bool: ...
     async def reserve(self, reservation_id: str, charges: Sequence["Charge"], ttl: float) -> "ReserveResult": ...
+    async def reserve_plan(self, reservation_id: str, plan: "ReservePlan", amounts: Sequence[int],
+                           ttl: float) -> "ReserveResult": ...
     async def commit(self, reservation_id: str, actual: Mapping[str, int]) -> bool: ...
+    async def commit_metrics(self, reservation_id: str, actual: Sequence[int]) -> bool: ...
     async def release(self, reservation_id: str) -> bool: ...
     async def read_counters(self, keys: Sequence[str]) -> list[tuple[int, int]]: ...
 
@@ -81,6 +95,27 @@ class Charge:
     expire_at: float
 
 
+@dataclass(slots=True, eq=False)
+class ReservePlan:
+    """Every counter one kind of reservation charges, prepared once and reused for many requests.
+
+    :param keys: the counters (the store adds its prefix).
+    :param metrics: for each counter, the index of its amount in the amounts of a reservation.
+    :param limits: for each counter, its limit (``None``: counted without limit).
+    :param expire_at: for each counter, the Unix time (seconds) after which it may disappear.
+    :param guards: record keys (budget settings) the caller planned with...
+    :param expected: ...and the values it saw (``None``: absent).
+    """
+
+    keys: list[str]
+    metrics: list[int]
+    limits: list[int | None]
+    expire_at: list[float]
+    guards: list[str] = field(default_factory=list)
+    expected: list[bytes | None] = field(default_factory=list)
+    encoded: dict = field(default_factory=dict)  # the store's own pre-encoding of the constant parts
+
+
 @dataclass(slots=True)
 class ReserveResult:
     """What :meth:`Store.reserve` did.
@@ -89,11 +124,14 @@ class ReserveResult:
     :param levels: each counter's value (spent + reserved) *before* this reservation, in the
         order given (when refused: up to and including the one that did not fit).
     :param failed: index of the first charge that did not fit, or None.
+    :param stale: when a guarded record no longer held the expected value: every guarded
+        record's current value (nothing was charged; plan again with these and retry).
     """
 
     ok: bool
     levels: list[int] = field(default_factory=list)
     failed: int | None = None
+    stale: list[bytes | None] | None = None
 
 
 HELD_SUFFIX = ":held"
@@ -129,7 +167,8 @@ class MemoryStore:
         self.max_counters = max_counters
         self.max_records = max_records
         self._counters: dict[str, list] = {}  # key -> [value, expire_at (unix seconds)]
-        self._reservations: dict[str, tuple[dict[str, int], float]] = {}  # id -> ({key: amount}, expires)
+        # id -> ({key: amount}, {key: metric index}, expires)
+        self._reservations: dict[str, tuple[dict[str, int], dict[str, int], float]] = {}
         self._expiry: list[tuple[float, int, str, str]] = []  # heap of (when, seq, kind, key)
         self._seq = 0
         self._records: dict[str, bytes] = {}
@@ -276,8 +315,16 @@ class MemoryStore:
                     del self._counters[key]
             else:
                 item = self._reservations.get(key)
-                if item is not None and item[1] <= now:
+                if item is not None and item[2] <= now:
                     del self._reservations[key]
+                    self._orphaned(item[0], now)
+
+    def _orphaned(self, held: Mapping[str, int], now: float) -> None:
+        """A reservation never settled (its gateway died): its worst case stays charged, as spent."""
+        for key, reserved in held.items():
+            hold = self._counters.get(key + HELD_SUFFIX)
+            if hold is not None and hold[1] > now:
+                hold[0] -= reserved
 
     def _schedule(self, when: float, kind: str, key: str) -> None:
         self._seq += 1
@@ -301,39 +348,66 @@ class MemoryStore:
                 self._schedule(expire_at, "c", key)
 
     async def reserve(self, reservation_id: str, charges: Sequence[Charge], ttl: float) -> ReserveResult:
+        return self._reserve(reservation_id, [c.key for c in charges], [c.amount for c in charges],
+                             [c.limit for c in charges], [c.expire_at for c in charges], None, ttl)
+
+    async def reserve_plan(self, reservation_id: str, plan: ReservePlan, amounts: Sequence[int],
+                           ttl: float) -> ReserveResult:
+        if plan.guards:
+            current = [self._records.get(self.prefix + k) for k in plan.guards]
+            if current != list(plan.expected):
+                return ReserveResult(False, stale=current)
+        return self._reserve(reservation_id, plan.keys, [amounts[m] for m in plan.metrics], plan.limits,
+                             plan.expire_at, plan.metrics, ttl)
+
+    def _reserve(self, reservation_id: str, keys: Sequence[str], amounts: Sequence[int],
+                 limits: Sequence[int | None], expire_at: Sequence[float], metrics: Sequence[int] | None,
+                 ttl: float) -> ReserveResult:
         # No await inside: atomic with respect to every other coroutine of this worker.
         now = time.time()
         self._sweep(now)
         p = self.prefix
         levels: list[int] = []
-        for i, c in enumerate(charges):
-            level = self._counter(p + c.key, now)
+        for i, (key, amount, limit) in enumerate(zip(keys, amounts, limits)):
+            level = self._counter(p + key, now)
             levels.append(level)
-            if c.limit is not None and level + c.amount > c.limit:
+            if limit is not None and level + amount > limit:
                 return ReserveResult(False, levels, i)
-        new = sum(1 for c in charges if p + c.key not in self._counters) * 2
+        new = sum(1 for k in keys if p + k not in self._counters) * 2
         if len(self._counters) + new > self.max_counters:
             raise StoreUnavailable(f"memory store holds its maximum of {self.max_counters} budget counters")
         held: dict[str, int] = {}
-        for c in charges:
-            key = p + c.key
-            self._add(key, c.amount, c.expire_at, now)
-            self._add(key + HELD_SUFFIX, c.amount, c.expire_at, now)
-            held[key] = held.get(key, 0) + c.amount
+        which: dict[str, int] = {}
+        for i, (key, amount, expires) in enumerate(zip(keys, amounts, expire_at)):
+            key = p + key
+            self._add(key, amount, expires, now)
+            self._add(key + HELD_SUFFIX, amount, expires, now)
+            held[key] = held.get(key, 0) + amount
+            which[key] = metrics[i] if metrics is not None else i
         rid = p + "res:" + reservation_id
-        self._reservations[rid] = (held, now + ttl)
+        self._reservations[rid] = (held, which, now + ttl)
         self._schedule(now + ttl, "r", rid)
         return ReserveResult(True, levels, None)
 
-    def _settle(self, reservation_id: str, actual: Mapping[str, int] | None) -> bool:
+    def _settle(self, reservation_id: str, actual: Mapping[str, int] | None = None,
+                per_metric: Sequence[int] | None = None, release: bool = False) -> bool:
         now = time.time()
         item = self._reservations.pop(self.prefix + "res:" + reservation_id, None)
-        if item is None or item[1] <= now:
+        if item is None:
             return False
-        held, _ = item
+        if item[2] <= now:  # too late: it was given up as orphaned
+            self._orphaned(item[0], now)
+            return False
+        held, which, _ = item
         plen = len(self.prefix)
         for key, reserved in held.items():
-            final = 0 if actual is None else actual.get(key[plen:], reserved)
+            if release:
+                final = 0
+            elif per_metric is not None:
+                final = per_metric[which[key]]
+                final = reserved if final < 0 else final
+            else:
+                final = actual.get(key[plen:], reserved)
             counter = self._counters.get(key)
             if counter is not None and counter[1] > now and final != reserved:
                 counter[0] += final - reserved
@@ -345,13 +419,32 @@ class MemoryStore:
     async def commit(self, reservation_id: str, actual: Mapping[str, int]) -> bool:
         return self._settle(reservation_id, actual)
 
+    async def commit_metrics(self, reservation_id: str, actual: Sequence[int]) -> bool:
+        """Reconcile to the real amount per metric (indexes as in the plan; negative: keep the reserved)."""
+        return self._settle(reservation_id, per_metric=actual)
+
     async def release(self, reservation_id: str) -> bool:
-        return self._settle(reservation_id, None)
+        return self._settle(reservation_id, release=True)
 
     async def read_counters(self, keys: Sequence[str]) -> list[tuple[int, int]]:
         now = time.time()
         p = self.prefix
         return [(self._counter(p + k, now), self._counter(p + k + HELD_SUFFIX, now)) for k in keys]
+
+
+_store_ids = itertools.count()
+
+
+class _Lane:
+    """A connection for reservation scripts and its auto-pipeline: the batch waiting for the wire."""
+
+    __slots__ = ("conn", "busy", "batch", "task")
+
+    def __init__(self):
+        self.conn = None
+        self.task = None
+        self.busy = False
+        self.batch: list = []
 
 
 class RedisStore:
@@ -370,8 +463,13 @@ class RedisStore:
         self._redis = redis.Redis(connection_pool=pool)
         self._errors = (redis.RedisError, OSError)
         self._scripts: dict = {}
-        self._scripts_busy = False
-        self._script_batch: list = []
+        # Admissions and settlements each have a connection of their own, so a reconcile being
+        # written never makes the next request's admission wait for it.
+        self._admit_lane, self._settle_lane = _Lane(), _Lane()
+        self._token = next(_store_ids)  # names this store's pre-encoded plans
+        self._due_key = _bulk((prefix + "res:due").encode())
+        self.sweep_every = 32  # admissions between two looks for orphaned reservations
+        self._admissions = 0
 
     async def _do(self, coro):
         try:
@@ -451,6 +549,9 @@ class RedisStore:
             return False
 
     async def close(self) -> None:
+        for lane in (self._admit_lane, self._settle_lane):
+            if lane.conn is not None:
+                await lane.conn.disconnect()
         await self._redis.aclose()
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
@@ -470,88 +571,149 @@ class RedisStore:
     async def delete_record(self, key: str) -> bool:
         return bool(await self._do(self._redis.delete(self.prefix + key)))
 
-    # reservations: one Lua script each, run with EVALSHA (a script Redis forgot, e.g. after a
-    # restart, is loaded again). Plain Redis, no modules; not Redis Cluster (keys of several
-    # tenants). Calls made in the same turn of the event loop go out as one pipeline (each script
-    # still runs atomically on its own): under concurrency the per-command client overhead, not
-    # Redis, is the cost, and batching divides it.
-    def _script(self, name: str, source: str):
-        script = self._scripts.get(name)
-        if script is None:
-            script = self._scripts[name] = self._redis.register_script(source)
-        return script
-
-    async def _run_script(self, name: str, source: str, keys: list, args: list):
-        """Run a script; while one call is on the wire, later ones wait and go out together."""
+    # reservations: one Lua script per operation, run with EVALSHA (a script Redis forgot, e.g.
+    # after a restart, is loaded and the call sent again). Plain Redis, no modules; not Redis
+    # Cluster (keys of several tenants). Under concurrency the client's per-command CPU, not Redis,
+    # is the cost, so these calls skip redis-py's command layer: each is packed straight into the
+    # RESP protocol (the constant part of a plan once), and they go out on a connection of their
+    # own (one for admissions, one for settlements); calls made while one batch is on the wire wait
+    # and go out together as the next one (auto-pipelining: one write and one read for many calls;
+    # each script still runs atomically).
+    async def _call_script(self, lane: "_Lane", name: str, packed: bytes):
+        """Send one packed EVALSHA on ``lane``; while a batch is on its wire, wait and go out with the next."""
         import asyncio
 
-        script = self._script(name, source)
-        if self._scripts_busy:
+        if lane.busy:
             future = asyncio.get_running_loop().create_future()
-            self._script_batch.append((script, keys, args, future))
+            lane.batch.append((name, packed, future))
             return await future
-        self._scripts_busy = True
+        lane.busy = True
         try:
-            return await self._do(script(keys=keys, args=args))
+            result = (await self._send_scripts(lane, [(name, packed, None)]))[0]
         finally:
-            self._next_script_batch()
+            self._next_script_batch(lane)
+        if isinstance(result, BaseException):
+            raise StoreUnavailable(str(result)) from result
+        return result
 
-    def _next_script_batch(self) -> None:
+    def _next_script_batch(self, lane: "_Lane") -> None:
         import asyncio
 
-        if self._script_batch:
-            batch, self._script_batch = self._script_batch, []
-            asyncio.get_running_loop().create_task(self._flush_scripts(batch))  # stays busy
+        if lane.batch:
+            batch, lane.batch = lane.batch, []
+            # stays busy; the lane keeps the task (the loop holds tasks only weakly)
+            lane.task = asyncio.get_running_loop().create_task(self._flush_scripts(lane, batch))
         else:
-            self._scripts_busy = False
+            lane.busy = False
 
-    async def _flush_scripts(self, batch: list) -> None:
-        from redis.exceptions import NoScriptError
-
+    async def _flush_scripts(self, lane: "_Lane", batch: list) -> None:
         try:
-            try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for script, keys, args, _ in batch:
-                        pipe.evalsha(script.sha, len(keys), *keys, *args)
-                    results = await pipe.execute(raise_on_error=False)
-            except self._errors as exc:
-                results = [exc] * len(batch)
-            for (script, keys, args, future), result in zip(batch, results):
-                if isinstance(result, NoScriptError):  # Redis restarted: load it, run it again
-                    try:
-                        result = await script(keys=keys, args=args)
-                    except self._errors as exc:
-                        result = exc
-                if future.done():
+            results = await self._send_scripts(lane, batch)
+            for (_, _, future), result in zip(batch, results):
+                if future.done():  # its caller went away
                     continue
                 if isinstance(result, BaseException):
                     future.set_exception(StoreUnavailable(str(result)))
                 else:
                     future.set_result(result)
+        except BaseException as exc:  # noqa: BLE001 - never leave a caller waiting
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(StoreUnavailable(f"batch failed: {exc!r}"))
+            raise
         finally:
-            self._next_script_batch()
+            self._next_script_batch(lane)
+
+    async def _send_scripts(self, lane: "_Lane", batch: list) -> list:
+        """Write the packed calls at once and read every answer (a value or the exception)."""
+        from redis.exceptions import NoScriptError, ResponseError
+
+        if lane.conn is None:
+            lane.conn = self._redis.connection_pool.make_connection()
+        conn = lane.conn
+        results: list = []
+        try:
+            await conn.send_packed_command(b"".join(packed for _, packed, _ in batch), check_health=False)
+            for _ in batch:
+                try:
+                    results.append(await conn.read_response())
+                except ResponseError as exc:
+                    results.append(exc)
+        except self._errors as exc:  # the connection broke: the calls not answered fail
+            await conn.disconnect(nowait=True)
+            results += [exc] * (len(batch) - len(results))
+            return results
+        again = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if again:  # Redis restarted (or SCRIPT FLUSH): load the scripts and send those calls again
+            try:
+                for name in {batch[i][0] for i in again}:
+                    await self._redis.script_load(_SCRIPTS[name])
+                retried = await self._send_scripts(lane, [batch[i] for i in again])
+            except self._errors as exc:
+                retried = [exc] * len(again)
+            for i, r in zip(again, retried):
+                results[i] = r
+        return results
+
+    def _packed_plan(self, plan: ReservePlan) -> tuple[bytes, int]:
+        """The constant head of a plan's EVALSHA (command, keys but the reservation's, constant
+        arguments) and the number of RESP array items it holds."""
+        cached = plan.encoded.get(self._token)
+        if cached is not None:
+            return cached
+        p = self.prefix
+        n, m = len(plan.keys), len(plan.guards)
+        keys = [(p + k).encode() for k in plan.keys] + [(p + k).encode() for k in plan.guards]
+        args = [str(n).encode(), str(m).encode(),
+                " ".join(str(i) for i in plan.metrics).encode(),
+                " ".join("-1" if x is None else str(int(x)) for x in plan.limits).encode(),
+                " ".join(str(int(e * 1000)) for e in plan.expire_at).encode(),
+                *[b"0" if v is None else b"1" + bytes(v) for v in plan.expected]]
+        # EVALSHA sha numkeys, keys (+ reservation, due index), args (+ ttl, amounts, sweep)
+        items = 3 + len(keys) + 2 + len(args) + 3
+        head = b"".join([b"*%d\r\n" % items, _bulk(b"EVALSHA"), _bulk(_SHAS["reserve"]),
+                         _bulk(str(len(keys) + 2).encode()), *map(_bulk, keys)])
+        tail = b"".join(map(_bulk, args))
+        cached = plan.encoded[self._token] = (head, tail)
+        return cached
+
+    async def reserve_plan(self, reservation_id: str, plan: ReservePlan, amounts: Sequence[int],
+                           ttl: float) -> ReserveResult:
+        head, tail = self._packed_plan(plan)
+        self._admissions += 1
+        sweep = b"16" if self._admissions % self.sweep_every == 0 else b"0"
+        packed = b"".join((head, _bulk((self.prefix + "res:" + reservation_id).encode()), self._due_key, tail,
+                           _bulk(b"%d" % max(1, int(ttl * 1000))),
+                           _bulk(" ".join(str(int(a)) for a in amounts).encode()), _bulk(sweep)))
+        result = await self._call_script(self._admit_lane, "reserve", packed)
+        status, failed, *rest = result
+        if status == 2:
+            return ReserveResult(False, stale=[None if v == b"0" else bytes(v[1:]) for v in rest])
+        return ReserveResult(bool(status), [int(v) for v in rest], None if status else int(failed) - 1)
 
     async def reserve(self, reservation_id: str, charges: Sequence[Charge], ttl: float) -> ReserveResult:
-        keys = [self.prefix + c.key for c in charges]
-        args: list = [len(charges), max(1, int(ttl * 1000))]
-        for c in charges:
-            args += [int(c.amount), -1 if c.limit is None else int(c.limit), int(c.expire_at * 1000)]
-        result = await self._run_script("reserve", _RESERVE_LUA, [*keys, self.prefix + "res:" + reservation_id], args)
-        ok, failed, *levels = (int(v) for v in result)
-        return ReserveResult(bool(ok), levels, None if ok else failed - 1)
+        plan = ReservePlan([c.key for c in charges], list(range(len(charges))), [c.limit for c in charges],
+                           [c.expire_at for c in charges])
+        return await self.reserve_plan(reservation_id, plan, [c.amount for c in charges], ttl)
 
-    async def _settle(self, reservation_id: str, actual: Mapping[str, int] | None) -> bool:
-        args: list = ["release" if actual is None else "commit"]
-        for key, amount in (actual or {}).items():
-            args += [self.prefix + key, int(amount)]
-        result = await self._run_script("settle", _SETTLE_LUA, [self.prefix + "res:" + reservation_id], args)
-        return bool(int(result))
+    async def _settle(self, reservation_id: str, mode: bytes, args: Sequence[bytes] = ()) -> bool:
+        packed = b"".join((b"*%d\r\n" % (6 + len(args)), _bulk(b"EVALSHA"), _bulk(_SHAS["settle"]), _bulk(b"2"),
+                           _bulk((self.prefix + "res:" + reservation_id).encode()), self._due_key, _bulk(mode),
+                           *map(_bulk, args)))
+        return bool(int(await self._call_script(self._settle_lane, "settle", packed)))
 
     async def commit(self, reservation_id: str, actual: Mapping[str, int]) -> bool:
-        return await self._settle(reservation_id, actual)
+        args: list[bytes] = []
+        for key, amount in actual.items():
+            args += [(self.prefix + key).encode(), b"%d" % int(amount)]
+        return await self._settle(reservation_id, b"key", args)
+
+    async def commit_metrics(self, reservation_id: str, actual: Sequence[int]) -> bool:
+        """Reconcile to the real amount per metric (indexes as in the plan; negative: keep the reserved)."""
+        return await self._settle(reservation_id, b"metric", [" ".join(str(int(a)) for a in actual).encode()])
 
     async def release(self, reservation_id: str) -> bool:
-        return await self._settle(reservation_id, None)
+        return await self._settle(reservation_id, b"release")
 
     async def read_counters(self, keys: Sequence[str]) -> list[tuple[int, int]]:
         if not keys:
@@ -564,58 +726,148 @@ class RedisStore:
         return [(ints[i], ints[i + 1]) for i in range(0, len(ints), 2)]
 
 
-# KEYS: n counters, then the reservation hash. ARGV: n, ttl_ms, then (amount, limit or -1,
-# expire_at_ms) per counter. All or nothing; returns {1, 0, levels...} or {0, i, levels...}.
-_RESERVE_LUA = """
+# A reservation record is one string: its metric indexes, its amounts (space-separated), then its
+# counters, a line each. The index of reservations by due time (a sorted set) holds the reservation
+# key and its record, so an orphan can be swept after its record expired.
+_LUA_RECORDS = """
+local function parse(record)
+  local lines = {}
+  for line in string.gmatch(record, '[^\\n]+') do lines[#lines + 1] = line end
+  local metric, reserved, keys = {}, {}, {}
+  for w in string.gmatch(lines[1] or '', '%S+') do metric[#metric + 1] = tonumber(w) end
+  for w in string.gmatch(lines[2] or '', '%S+') do reserved[#reserved + 1] = tonumber(w) end
+  for i = 3, #lines do keys[#keys + 1] = lines[i] end
+  return metric, reserved, keys
+end
+"""
+
+# KEYS: n counters, m guarded records, the reservation record, the due index. ARGV: n, m, each
+# counter's metric index, limit (-1: none) and expiry (Unix ms) as space-separated lists, the m
+# expected record values ('0': absent, '1' .. value), the reservation's TTL in ms, the amount per
+# metric (space-separated), how many orphans to sweep first (0: none). A guarded record that
+# changed: nothing charged, returns {2, j, current values...}. Else all or nothing: {1, 0,
+# levels...} or {0, i, levels...}. Few redis.call()s (one MGET, two INCRBYs a counter, SET, ZADD):
+# their count is the script's cost.
+_RESERVE_LUA = _LUA_RECORDS + """
+if redis.replicate_commands then redis.replicate_commands() end  -- TIME before writes (Redis < 5)
 local n = tonumber(ARGV[1])
-local levels = {}
-for i = 1, n do
-  local amount = tonumber(ARGV[3 * i])
-  local limit = tonumber(ARGV[3 * i + 1])
-  local level = tonumber(redis.call('GET', KEYS[i]) or '0')
-  levels[i] = level
-  if limit >= 0 and level + amount > limit then
-    return {0, i, unpack(levels)}
+local m = tonumber(ARGV[2])
+local res, due = KEYS[n + m + 1], KEYS[n + m + 2]
+local sweep = tonumber(ARGV[8 + m])
+if sweep > 0 then
+  -- orphans (never settled within their TTL): their worst case stays charged, as spent
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  for _, member in ipairs(redis.call('ZRANGEBYSCORE', due, '-inf', now, 'LIMIT', 0, sweep)) do
+    local cut = string.find(member, '\\n', 1, true)
+    if redis.call('EXISTS', string.sub(member, 1, cut - 1)) == 0 then
+      local _, reserved, keys = parse(string.sub(member, cut + 1))
+      for i = 1, #keys do
+        local hk = keys[i] .. ':held'
+        if redis.call('EXISTS', hk) == 1 then redis.call('DECRBY', hk, reserved[i]) end
+      end
+    end
+    redis.call('ZREM', due, member)
   end
 end
-local res = KEYS[n + 1]
+if m > 0 then
+  local current = redis.call('MGET', unpack(KEYS, n + 1, n + m))
+  for j = 1, m do
+    if (current[j] and ('1' .. current[j]) or '0') ~= ARGV[5 + j] then
+      local out = {2, j}
+      for k = 1, m do out[2 + k] = current[k] and ('1' .. current[k]) or '0' end
+      return out
+    end
+  end
+end
+local function words(s)
+  local t = {}
+  for w in string.gmatch(s, '%S+') do t[#t + 1] = w end
+  return t
+end
+local metric, limit, expire = words(ARGV[3]), words(ARGV[4]), words(ARGV[5])
+local per_metric = words(ARGV[7 + m])
+local levels, amounts = {}, {}
+if n > 0 then
+  local current = redis.call('MGET', unpack(KEYS, 1, n))
+  for i = 1, n do
+    local a = per_metric[tonumber(metric[i]) + 1]
+    local level = tonumber(current[i] or '0')
+    local lim = tonumber(limit[i])
+    amounts[i] = a
+    levels[i] = level
+    if lim >= 0 and level + tonumber(a) > lim then
+      return {0, i, unpack(levels)}
+    end
+  end
+end
 for i = 1, n do
-  local amount = tonumber(ARGV[3 * i])
-  local expire_at = tonumber(ARGV[3 * i + 2])
+  local a = amounts[i]
+  local amount = tonumber(a)
   local held = KEYS[i] .. ':held'
   -- a counter's expiry is set when this reservation created it (its value is then the amount)
-  if redis.call('INCRBY', KEYS[i], amount) == amount then redis.call('PEXPIREAT', KEYS[i], expire_at) end
-  if redis.call('INCRBY', held, amount) == amount then redis.call('PEXPIREAT', held, expire_at) end
-  redis.call('HINCRBY', res, KEYS[i], amount)
+  if redis.call('INCRBY', KEYS[i], a) == amount then redis.call('PEXPIREAT', KEYS[i], expire[i]) end
+  if redis.call('INCRBY', held, a) == amount then redis.call('PEXPIREAT', held, expire[i]) end
 end
-redis.call('PEXPIRE', res, tonumber(ARGV[2]))
+if n > 0 then
+  local ttl = tonumber(ARGV[6 + m])
+  local record = ARGV[3] .. '\\n' .. table.concat(amounts, ' ') .. '\\n' .. table.concat(KEYS, '\\n', 1, n)
+  redis.call('SET', res, record, 'PX', ttl)
+  local t = redis.call('TIME')
+  redis.call('ZADD', due, tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + ttl, res .. '\\n' .. record)
+end
 return {1, 0, unpack(levels)}
 """
 
-# KEYS[1]: the reservation hash. ARGV[1]: 'commit' or 'release'; then (counter key, real amount)
-# pairs for commit (a reserved counter not named keeps its reserved amount). Once only: a
-# reservation already settled (or expired) is left alone and 0 returned.
-_SETTLE_LUA = """
-local held = redis.call('HGETALL', KEYS[1])
-if #held == 0 then return 0 end
+# KEYS[1]: the reservation record; KEYS[2]: the due index. ARGV[1]: 'release'; or 'metric' and the
+# real amount per metric (space-separated; negative: keep the reserved amount); or 'key' and
+# (counter key, real amount) pairs (a reserved counter not named keeps its reserved amount). Once
+# only: a reservation already settled (or expired: orphaned) is left alone and 0 returned. A
+# counter whose window is over (gone) is not brought back.
+_SETTLE_LUA = _LUA_RECORDS + """
+local record = redis.call('GET', KEYS[1])
+if not record then return 0 end
+local metric, reserved, keys = parse(record)
+local n = #keys
+local mode = ARGV[1]
 local actual = {}
-if ARGV[1] == 'commit' then
+if mode == 'metric' then
+  local j = 0
+  for w in string.gmatch(ARGV[2], '%S+') do actual[j] = tonumber(w); j = j + 1 end
+elseif mode == 'key' then
   for i = 2, #ARGV, 2 do actual[ARGV[i]] = tonumber(ARGV[i + 1]) end
 end
-for i = 1, #held, 2 do
-  local key = held[i]
-  local reserved = tonumber(held[i + 1])
-  local final = 0
-  if ARGV[1] == 'commit' then final = actual[key] or reserved end
-  if final ~= reserved and redis.call('EXISTS', key) == 1 then
-    redis.call('INCRBY', key, final - reserved)
+if n > 0 then
+  local names = {}
+  for i = 1, n do
+    names[2 * i - 1] = keys[i]
+    names[2 * i] = keys[i] .. ':held'
   end
-  local hk = key .. ':held'
-  if redis.call('EXISTS', hk) == 1 then redis.call('DECRBY', hk, reserved) end
+  local current = redis.call('MGET', unpack(names))
+  for i = 1, n do
+    local final = 0
+    if mode == 'metric' then
+      final = actual[metric[i]]
+      if final == nil or final < 0 then final = reserved[i] end
+    elseif mode == 'key' then
+      final = actual[keys[i]] or reserved[i]
+    end
+    if final ~= reserved[i] and current[2 * i - 1] then redis.call('INCRBY', keys[i], final - reserved[i]) end
+    if current[2 * i] then redis.call('DECRBY', names[2 * i], reserved[i]) end
+  end
+  redis.call('ZREM', KEYS[2], KEYS[1] .. '\\n' .. record)
 end
 redis.call('DEL', KEYS[1])
 return 1
 """
+
+_SCRIPTS = {"reserve": _RESERVE_LUA, "settle": _SETTLE_LUA}
+_SHAS = {name: hashlib.sha1(source.encode()).hexdigest().encode() for name, source in _SCRIPTS.items()}
+
+
+def _bulk(value: bytes) -> bytes:
+    """One RESP bulk string."""
+    return b"$%d\r\n%s\r\n" % (len(value), value)
 
 
 def open_store(config: StateConfig) -> Store:

@@ -18,6 +18,13 @@ Over several windows at once (minute, hour, day, month; see :mod:`extproc.budget
   aborted stream its prompt and the completion tokens already delivered (closing the "read the
   answer, hang up before the end" hole).
 
+Reconcile and release are off the response path: they go into a bounded queue per worker that a
+background task sends to the store (concurrent ones pipelined together), so the last body chunk
+is never held while Redis is written. The reservation already holds the worst case, so a
+reconcile that lands a moment later only over-counts for that moment. A full queue makes the
+request wait for its own settlement (back-pressure, nothing dropped); graceful shutdown (SIGTERM)
+sends everything queued before the worker exits.
+
 Store unreachable at admission: ``on_store_unavailable: reject`` (default) answers 503
 ``budget_unavailable`` with ``Retry-After: 1`` (a cost-control gateway does not let unmetered
 traffic through); ``admit`` lets it through flagged (``x-extproc-degraded``). A reconcile or
@@ -83,7 +90,10 @@ class Budgets:
         on_store_unavailable: Literal["reject", "admit"] = "reject"
         on_abort: Literal["release", "charge_delivered"] = "release"
         per_worker_limits: bool = Field(False, description="accept per-worker limits with the memory store")
-        settings_cache_seconds: float = Field(2.0, ge=0, description="admin-set limits are seen within this")
+        settings_cache_seconds: float = Field(2.0, ge=0, description="admin API reads cache limits this long "
+                                              "(admission always checks the store's)")
+        settle_queue_size: int = Field(10_000, ge=1, description="reconciles/releases queued per worker; "
+                                       "past it a request waits for its own (back-pressure)")
 
     def __init__(self, settings: "Budgets.Settings"):
         self.settings = settings
@@ -91,6 +101,11 @@ class Budgets:
         self.gateway = None
         self.pending = _Pending()
         self._retry_task: asyncio.Task | None = None
+        self._settle_queue: collections.deque = collections.deque()
+        self._settle_wake: asyncio.Event | None = None
+        self._settle_idle: asyncio.Event | None = None
+        self._settling = 0  # settlements taken from the queue and not finished yet
+        self._settle_task: asyncio.Task | None = None
 
     # start and stop ------------------------------------------------------------------------
     @hookimpl
@@ -106,10 +121,24 @@ class Budgets:
         self.gateway = gateway
         self.ledger = ledger_from_tables(gateway.store, s, settings_ttl=s.settings_cache_seconds,
                                          grace=s.reservation_ttl_seconds)
-        self._retry_task = asyncio.get_running_loop().create_task(self._retry_loop())
+        loop = asyncio.get_running_loop()
+        self._settle_wake, self._settle_idle = asyncio.Event(), asyncio.Event()
+        self._settle_idle.set()
+        self._settle_task = loop.create_task(self._settle_loop())
+        self._retry_task = loop.create_task(self._retry_loop())
 
     @hookimpl
     async def extproc_shutdown(self, gateway):
+        if self._settle_task is not None:
+            try:  # every queued settlement is sent (or parked for the last retry) before the worker exits
+                await asyncio.wait_for(self.settled(), timeout=max(5.0, len(self._settle_queue) / 100))
+            except asyncio.TimeoutError:
+                log.error("budgets: %d settlement(s) still queued at shutdown", len(self._settle_queue))
+            self._settle_task.cancel()  # later settlements (streams still closing) are applied inline
+            try:
+                await self._settle_task
+            except asyncio.CancelledError:
+                pass
         if self._retry_task is not None:
             self._retry_task.cancel()
         await self._retry_pending()  # a last try before the worker exits
@@ -134,15 +163,7 @@ class Budgets:
         return {"requests": 1, "tokens": prompt + completion, "usd": usd_to_units(usd)}
 
     @hookimpl
-    async def extproc_request_parsed(self, ctx):
-        started = time.perf_counter()
-        try:
-            return await self._admit(ctx)
-        finally:
-            ctx.timings_ms[f"plugin:{NAME}"] = ctx.timings_ms.get(f"plugin:{NAME}", 0.0) + (
-                time.perf_counter() - started) * 1000.0
-
-    async def _admit(self, ctx):
+    async def extproc_request_parsed(self, ctx):  # timed by the plugin manager ("plugin:budgets")
         subjects = subjects_of(ctx.tenant, ctx.workflow, ctx.api_key_id)
         tier_name, tier = self._expected_tier(ctx)
         amounts = self._worst_case(ctx, tier)
@@ -156,7 +177,7 @@ class Budgets:
             raise
         if not admission.ok:
             return self._refuse(ctx, admission)
-        ctx.plugin_state[NAME] = {"subjects": subjects, "open": [(rid, admission.keys)], "amounts": amounts,
+        ctx.plugin_state[NAME] = {"subjects": subjects, "open": [rid], "amounts": amounts,
                                   "tier": tier_name, "delivered": [], "settled": False}
         soft = admission.max_ratio >= self.settings.soft_threshold
         ctx.over_soft_budget = ctx.over_soft_budget or soft
@@ -201,29 +222,24 @@ class Budgets:
         state = ctx.plugin_state.get(NAME)
         if state is None or ctx.tier == state["tier"] or ctx.tier_config is None:
             return None
-        started = time.perf_counter()
-        try:
-            reserved = state["amounts"]
-            needed = self._worst_case(ctx, ctx.tier_config)
-            extra = {m: needed[m] - reserved[m] for m in ("tokens", "usd") if needed[m] > reserved[m]}
-            if not extra:
-                return None
-            rid = uuid.uuid4().hex
-            try:
-                admission = await self.ledger.reserve(rid, state["subjects"], extra,
-                                                      ttl=self.settings.reservation_ttl_seconds)
-            except StoreUnavailable as exc:
-                return self._store_down(ctx, exc)
-            except asyncio.CancelledError:
-                self._release_later(rid)
-                raise
-            if not admission.ok:
-                return self._refuse(ctx, admission)
-            state["open"].append((rid, admission.keys))
+        reserved = state["amounts"]
+        needed = self._worst_case(ctx, ctx.tier_config)
+        extra = {m: needed[m] - reserved[m] for m in ("tokens", "usd") if needed[m] > reserved[m]}
+        if not extra:
             return None
-        finally:
-            ctx.timings_ms[f"plugin:{NAME}"] = ctx.timings_ms.get(f"plugin:{NAME}", 0.0) + (
-                time.perf_counter() - started) * 1000.0
+        rid = uuid.uuid4().hex
+        try:
+            admission = await self.ledger.reserve(rid, state["subjects"], extra,
+                                                  ttl=self.settings.reservation_ttl_seconds)
+        except StoreUnavailable as exc:
+            return self._store_down(ctx, exc)
+        except asyncio.CancelledError:
+            self._release_later(rid)
+            raise
+        if not admission.ok:
+            return self._refuse(ctx, admission)
+        state["open"].append(rid)
+        return None
 
     # settling --------------------------------------------------------------------------------
     @hookimpl
@@ -258,32 +274,63 @@ class Budgets:
         await self._settle(state, actual)
 
     async def _settle(self, state, actual: dict | None) -> None:
-        """Commit the first reservation to ``actual`` (None: release it) and release any top-ups."""
+        """Commit the first reservation to ``actual`` (None: release it) and release any top-ups,
+        in the background (queued; awaited here only when the queue is full)."""
         state["settled"] = True
-        deadline = time.monotonic() + self.settings.reservation_ttl_seconds
-        for i, (rid, keys) in enumerate(state["open"]):
-            op = ("commit", rid, keys, actual) if (i == 0 and actual is not None) else ("release", rid, None, None)
-            try:
-                await self._apply(op)
-            except StoreUnavailable:
-                self.pending.add((op, deadline))
+        for i, rid in enumerate(state["open"]):
+            op = ("commit", rid, actual) if (i == 0 and actual is not None) else ("release", rid, None)
+            if len(self._settle_queue) + self._settling < self.settings.settle_queue_size and \
+                    self._settle_task is not None and not self._settle_task.done():
+                self._enqueue(op)
+            else:  # back-pressure: the store is behind; this request waits for its own settlement
+                await self._apply_or_park(op)
+
+    def _enqueue(self, op) -> None:
+        self._settle_queue.append(op)
+        self._settle_idle.clear()
+        self._settle_wake.set()
+
+    async def settled(self) -> None:
+        """Wait until every queued settlement was sent to the store (or parked for retry)."""
+        if self._settle_idle is not None:
+            while self._settle_queue or self._settling:
+                await self._settle_idle.wait()
+
+    async def _settle_loop(self) -> None:
+        queue = self._settle_queue
+        while True:
+            if not queue:
+                self._settle_wake.clear()
+                if not self._settling:
+                    self._settle_idle.set()
+                await self._settle_wake.wait()
+                continue
+            batch = [queue.popleft() for _ in range(min(len(queue), 1024))]
+            self._settling += len(batch)
+            try:  # concurrent calls: the store sends them in one pipeline
+                await asyncio.gather(*(self._apply_or_park(op) for op in batch))
+            finally:
+                self._settling -= len(batch)
+
+    async def _apply_or_park(self, op) -> None:
+        try:
+            await self._apply(op)
+        except StoreUnavailable:
+            self.pending.add((op, time.monotonic() + self.settings.reservation_ttl_seconds))
+        except Exception:  # noqa: BLE001 - a bug must not stop the settling of the others
+            log.exception("budgets: settling reservation %s failed", op[1])
 
     def _release_later(self, rid: str) -> None:
-        """Release a reservation whose caller was cancelled (now, or later through the retry queue)."""
-        deadline = time.monotonic() + self.settings.reservation_ttl_seconds
-
-        async def release():
-            try:
-                await self.ledger.release(rid)
-            except StoreUnavailable:
-                self.pending.add((("release", rid, None, None), deadline))
-
-        asyncio.get_running_loop().create_task(release())
+        """Release a reservation whose caller was cancelled (queued; retried if the store is down)."""
+        if self._settle_task is not None and not self._settle_task.done():
+            self._enqueue(("release", rid, None))
+        else:  # shutting down: no queue any more
+            self.pending.add((("release", rid, None), time.monotonic() + self.settings.reservation_ttl_seconds))
 
     async def _apply(self, op) -> None:
-        kind, rid, keys, actual = op
+        kind, rid, actual = op
         if kind == "commit":
-            await self.ledger.commit(rid, keys, actual)
+            await self.ledger.commit(rid, actual)
         else:
             await self.ledger.release(rid)
 

@@ -24,7 +24,11 @@ def budgets(workers: int = 1, **settings):
 
 
 async def report(gw, scope="tenant", subject="anonymous"):
-    ledger = gw.gateway.hooks.pm.get_plugin("budgets").ledger
+    """The subject's rows once the settlements queued so far reached the store (they are sent in
+    the background, after the answer)."""
+    plugin = gw.gateway.hooks.pm.get_plugin("budgets")
+    await asyncio.wait_for(plugin.settled(), timeout=5)
+    ledger = plugin.ledger
     rows = (await ledger.report(Subject(scope, subject)))["windows"]
     return {(r["metric"], r["window"]): r for r in rows}
 
@@ -178,10 +182,20 @@ class FlakyStore(MemoryStore):
             raise StoreUnavailable("down")
         return await super().reserve(*args, **kwargs)
 
+    async def reserve_plan(self, *args, **kwargs):
+        if self.down:
+            raise StoreUnavailable("down")
+        return await super().reserve_plan(*args, **kwargs)
+
     async def commit(self, *args, **kwargs):
         if self.down:
             raise StoreUnavailable("down")
         return await super().commit(*args, **kwargs)
+
+    async def commit_metrics(self, *args, **kwargs):
+        if self.down:
+            raise StoreUnavailable("down")
+        return await super().commit_metrics(*args, **kwargs)
 
     async def release(self, *args, **kwargs):
         if self.down:
@@ -232,6 +246,7 @@ async def test_settlement_retried_when_the_store_comes_back():
 
         plugin._settle = down_then_settle
         life_result = await gw.chat("hi", answer=ANSWER)
+        await asyncio.wait_for(plugin.settled(), timeout=5)
         assert life_result.status == 200 and len(plugin.pending.queue) == 1
         row = await tokens_day()
         assert row["reserved"] > 0  # not settled yet: the worst case is held
@@ -323,3 +338,68 @@ async def test_override_cache_is_bounded():
     for i in range(25):
         await ledger.limits_for(Subject("tenant", f"t{i}"))
     assert len(ledger._cache) <= 10
+
+
+class SlowCommitStore(MemoryStore):
+    """A memory store whose settlements wait for ``gate`` (a store that is slow to write)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.commits = 0
+
+    async def commit_metrics(self, *args, **kwargs):
+        await self.gate.wait()
+        self.commits += 1
+        return await super().commit_metrics(*args, **kwargs)
+
+
+def _slow(gw) -> SlowCommitStore:
+    store = SlowCommitStore()
+    gw.gateway.hooks.pm.get_plugin("budgets").ledger.store = store  # not the gateway's: survives stop()
+    return store
+
+
+async def _tokens_day(store) -> dict:
+    rows = (await BudgetLedger(store).report(Subject("tenant", "anonymous")))["windows"]
+    return next(r for r in rows if (r["metric"], r["window"]) == ("tokens", "day"))
+
+
+async def test_reconcile_is_off_the_response_path():
+    """The answer goes out while the store is still being written; the spend lands after."""
+    async with GatewayHarness(config=budgets(tenants={"anonymous": {"tokens_per_day": 1000}})) as gw:
+        store = _slow(gw)
+        result = await asyncio.wait_for(gw.chat("hi", answer=ANSWER), timeout=2)  # not held by the store
+        assert result.status == 200 and store.commits == 0
+        assert (await _tokens_day(store))["reserved"] > 0  # the worst case is held meanwhile
+        store.gate.set()
+        await asyncio.wait_for(gw.gateway.hooks.pm.get_plugin("budgets").settled(), timeout=2)
+        row = await _tokens_day(store)
+    assert row["reserved"] == 0 and row["spent"] == 8
+
+
+async def test_full_settle_queue_makes_the_request_wait_never_drops():
+    cfg = budgets(settle_queue_size=1, tenants={"anonymous": {"tokens_per_day": 10_000}})
+    async with GatewayHarness(config=cfg) as gw:
+        store = _slow(gw)
+        first = await gw.chat("hi", answer=ANSWER)  # queued
+        second = asyncio.create_task(gw.chat("hi", answer=ANSWER))  # the queue is full: waits
+        await asyncio.sleep(0.1)
+        assert first.status == 200 and not second.done()
+        store.gate.set()
+        assert (await asyncio.wait_for(second, timeout=2)).status == 200
+        await gw.gateway.hooks.pm.get_plugin("budgets").settled()
+        row = await _tokens_day(store)
+    assert store.commits == 2 and row["reserved"] == 0 and row["spent"] == 16
+
+
+async def test_shutdown_sends_every_queued_settlement():
+    async with GatewayHarness(config=budgets(tenants={"anonymous": {"tokens_per_day": 10_000}})) as gw:
+        store = _slow(gw)
+        for _ in range(3):
+            assert (await gw.chat("hi", answer=ANSWER)).status == 200
+        assert store.commits == 0
+        asyncio.get_running_loop().call_later(0.1, store.gate.set)
+    # the harness stopped the gateway (a SIGTERM drain runs the same shutdown hook)
+    row = await _tokens_day(store)
+    assert store.commits == 3 and row["reserved"] == 0 and row["spent"] == 24

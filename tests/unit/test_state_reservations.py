@@ -148,5 +148,19 @@ async def test_redis_down_fails_every_batched_call():
     results = await asyncio.gather(*[s.reserve(f"r{i}", [Charge("c", 1, 1, later())], ttl=1) for i in range(5)],
                                    return_exceptions=True)
     assert all(isinstance(r, StoreUnavailable) for r in results)
-    assert not s._scripts_busy  # nothing left waiting
+    assert not s._admit_lane.busy and not s._settle_lane.busy  # nothing left waiting
     await s.close()
+
+
+async def test_orphaned_reservation_is_swept_as_spent(store):
+    """A reservation its gateway never settled (crashed): past its TTL the worst case stays charged,
+    and turns from reserved into spent, so nothing is left "reserved" until the window ends."""
+    store.sweep_every = 1  # Redis: look for orphans at every admission (memory: on expiry)
+    await store.reserve("orphan", [Charge("x", 5, None, later()), Charge("y", 7, 100, later())], ttl=0.1)
+    await store.reserve("live", [Charge("x", 1, None, later())], ttl=60)
+    await asyncio.sleep(0.25)
+    assert (await store.reserve("next", [Charge("z", 1, None, later())], ttl=60)).ok  # sweeps
+    assert await store.read_counters(["x", "y"]) == [(6, 1), (7, 0)]
+    assert not await store.release("orphan")  # too late: already charged as spent
+    assert await store.commit("live", {"x": 2})  # a live one settles as usual
+    assert await store.read_counters(["x", "y"]) == [(7, 0), (7, 0)]

@@ -132,3 +132,20 @@ async def test_key_cache_is_bounded():
     for i in range(25):
         assert await ring.lookup(f"sk-ext-unknown-{i}") is None
     assert len(ring._cache) <= 10
+
+
+async def test_models_list_needs_a_valid_key_when_tenancy_requires_one():
+    async def models(gw, headers):
+        life = gw.gateway.new_stream()
+        return await life.request_headers({":method": "GET", ":path": "/v1/models", **headers}, True)
+
+    async with GatewayHarness(config=tenancy()) as gw:
+        _, key = await new_key(gw)
+        missing = await models(gw, {})
+        unknown = await models(gw, {"authorization": "Bearer sk-ext-000000000000-unknownsecretunknownsecret"})
+        listed = await models(gw, {"authorization": f"Bearer {key}"})
+    assert missing.status == 401 and b"missing_api_key" in missing.body
+    assert unknown.status == 401 and b"invalid_api_key" in unknown.body
+    assert listed.status == 200 and b'"object":"list"' in listed.body.replace(b" ", b"")
+    async with GatewayHarness(config=tenancy(require=False)) as gw:  # no key needed: listed as before
+        assert (await models(gw, {})).status == 200
