@@ -93,6 +93,9 @@ class ReferenceTransformer:
     them compact) so that the batched decode step works on plain views, never copies.
     """
 
+    #: output rows of the unembedding per matrix product (see :meth:`_logits`)
+    unembed_block_rows = 2048
+
     def __init__(self, cfg: TierConfig, slots: int, max_context: int = MAX_CONTEXT) -> None:
         self.cfg = cfg
         self.slots = slots
@@ -144,7 +147,22 @@ class ReferenceTransformer:
         return self.embed[rows.astype(np.int64)] + self.pos_embed[positions]
 
     def _logits(self, x: np.ndarray) -> np.ndarray:
-        return _lin(_rmsnorm(x, self.g_final), self.unembed) + self.logit_bias
+        """``[n, vocab_out]`` logits of the rows of ``x``.
+
+        The unembedding is applied in blocks of ``unembed_block_rows`` output rows: one sgemm
+        over all 8 192 rows runs well below the speed of the same products in blocks whose
+        weights fit the cache (about 1.3x slower at 16 rows per step); a block is the same
+        arithmetic, written into its slice of the result.
+        """
+        xt = _rmsnorm(x, self.g_final).T
+        n_out = self.unembed.shape[0]
+        out = np.empty((n_out, xt.shape[1]), np.float32)
+        step = self.unembed_block_rows
+        for lo in range(0, n_out, step):
+            np.matmul(self.unembed[lo:lo + step], xt, out=out[lo:lo + step])
+        out = out.T
+        out += self.logit_bias
+        return out
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Copy the first ``length`` cached positions of slot ``src`` into slot ``dst``."""
