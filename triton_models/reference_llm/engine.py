@@ -287,30 +287,35 @@ class Engine:
         self.stats["decode_tokens"] += b
         if b > self.max_batch_seen:
             self.max_batch_seen = b
-        greedy = np.argmax(logits, axis=1)  # one vectorised argmax for the greedy sequences
+        # one vectorised argmax (and vocabulary lookup) for the whole batch; sequences that
+        # sample (temperature > 0) draw from their own row in _accept instead
+        greedy = self.model.vocab[np.argmax(logits, axis=1)].tolist()
+        check = self.cancel_check_every
         done = []
         for i, seq in enumerate(active):
             seq.position += 1
-            # asking Triton whether the client went away is an IPC round trip: not every token
-            if seq.n_generated % self.cancel_check_every == 0 and self._cancelled(seq):
+            # is_cancelled may be costly (Triton: an IPC round trip): not every token
+            if seq.n_generated % check == 0 and self._cancelled(seq):
                 seq.finished = True
                 self.stats["cancelled"] += 1
                 done.append(i)
                 continue
-            self._accept(seq, logits[i], int(greedy[i]))
+            self._accept(seq, logits[i], greedy[i])
             if seq.finished:
                 done.append(i)
         self.timings["emit"] += time.perf_counter() - t1
         if done:
             self._retire(done)
 
-    def _accept(self, seq: _Sequence, logits: np.ndarray, argmax: int | None = None) -> None:
-        """Sample the next token from ``logits`` and emit its event."""
-        if argmax is not None and (seq.req.temperature <= 0 or seq.rng is None):
-            idx = argmax
+    def _accept(self, seq: _Sequence, logits: np.ndarray, greedy_token: int | None = None) -> None:
+        """Sample the next token from ``logits`` and emit its event.
+
+        ``greedy_token``: the cl100k id of the argmax of ``logits`` when the caller has it already.
+        """
+        if seq.rng is None and greedy_token is not None:
+            token = greedy_token
         else:
-            idx = sample(logits, seq.req, seq.rng)
-        token = int(self.model.vocab[idx])
+            token = int(self.model.vocab[sample(logits, seq.req, seq.rng)])
         if seq.first_token_at is None:
             seq.first_token_at = time.monotonic()
         finish = ""
