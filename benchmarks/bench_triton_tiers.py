@@ -39,12 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "triton_models"))
 
-from extproc.tritonserver import TritonProcess, free_port, openblas_coretype  # noqa: E402
-
-# The model-only figures below run the model in this process: same OpenBLAS kernels as the
-# server's stubs (set before NumPy is first imported).
-if openblas_coretype() and not os.environ.get("OPENBLAS_CORETYPE"):
-    os.environ["OPENBLAS_CORETYPE"] = openblas_coretype()
+from extproc.tritonserver import TritonProcess, free_port  # noqa: E402
 
 TIERS = ["llm-small", "llm-medium", "llm-large"]
 PROMPTS = [

@@ -56,7 +56,6 @@ __all__ = [
     "free_port",
     "prepare_backend_dir",
     "triton_env",
-    "openblas_coretype",
     "SYS_PATH_ENV",
 ]
 
@@ -159,38 +158,12 @@ def _site_packages() -> list[str]:
     return paths
 
 
-_AVX512_FLAGS = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}
-
-
-def openblas_coretype(cpuinfo: str | None = None) -> str | None:
-    """The OpenBLAS kernel family to ask for on this CPU, or None to leave OpenBLAS's choice.
-
-    NumPy's bundled OpenBLAS (0.3.23) picks kernels by CPU model and does not know recent AMD
-    cores: on an AVX-512 EPYC (family 26) it falls back to its AVX2 ``Haswell`` kernels.  Its
-    ``SkylakeX`` kernels (AVX-512) do the small-batch sgemm of a decode step 1.3-1.5x faster
-    there (and are what newer OpenBLAS releases pick on such CPUs), so a CPU with the AVX-512
-    subsets those kernels use gets ``OPENBLAS_CORETYPE=SkylakeX``.
-    """
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpuinfo = f.read()
-        except OSError:
-            return None
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            return "SkylakeX" if _AVX512_FLAGS <= set(line.split(":", 1)[-1].split()) else None
-    return None
-
-
 def triton_env(extra_sys_path: list[str]) -> dict[str, str]:
     """Environment for ``tritonserver``: a copy of ``os.environ`` plus
 
     * ``LD_LIBRARY_PATH`` = interpreter LIBDIR : nvidia_pytriton.libs : previous value;
     * ``EXTPROC_TRITON_SYS_PATH`` = ``extra_sys_path`` entries, then this venv's site-packages
-      (``os.pathsep``-separated), for the models' ``sys.path``;
-    * ``OPENBLAS_CORETYPE`` from :func:`openblas_coretype` unless already set (the Python
-      backend stubs import NumPy before a ``model.py`` runs, so it must come from here).
+      (``os.pathsep``-separated), for the models' ``sys.path``.
     """
     install = find_tritonserver()
     env = dict(os.environ)
@@ -204,9 +177,6 @@ def triton_env(extra_sys_path: list[str]) -> dict[str, str]:
         if p not in entries:
             entries.append(p)
     env[SYS_PATH_ENV] = os.pathsep.join(entries)
-    coretype = openblas_coretype()
-    if coretype and not env.get("OPENBLAS_CORETYPE"):
-        env["OPENBLAS_CORETYPE"] = coretype
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
