@@ -218,8 +218,10 @@ class TritonPythonModel:
                 "waiting": ("reference_llm_waiting_requests",
                             "Requests accepted but waiting for a free sequence slot", "gauge"),
                 "active": ("reference_llm_active_sequences", "Sequences being generated now", "gauge"),
-                "t_prefill": ("reference_llm_prefill_seconds_total", "Time spent in prefill forward passes", "counter"),
-                "t_decode": ("reference_llm_decode_seconds_total", "Time spent in batched decode forward passes", "counter"),
+                "t_prefill": ("reference_llm_prefill_seconds_total",
+                              "Time spent in forward passes of joining prompts alone (no sequence decoding)", "counter"),
+                "t_decode": ("reference_llm_decode_seconds_total",
+                             "Time spent in batched decode forward passes (joining prompts fused in included)", "counter"),
                 "t_emit": ("reference_llm_emit_seconds_total",
                            "Time spent sampling, detokenizing and sending responses after decode steps", "counter"),
             }
