@@ -177,7 +177,6 @@ def triton_env(extra_sys_path: list[str]) -> dict[str, str]:
         if p not in entries:
             entries.append(p)
     env[SYS_PATH_ENV] = os.pathsep.join(entries)
-    # One BLAS pool per stub process is plenty; the tiers share the CPU anyway.
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 

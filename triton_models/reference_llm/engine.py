@@ -3,10 +3,12 @@
 Requests are submitted from any thread (Triton's ``execute()``); one loop (a background thread in
 Triton, or ``step()`` called directly in tests) does, per step:
 
-1. admit waiting requests into free KV-cache slots: prefill each prompt and sample its first
-   token (sent at once, so time-to-first-token doesn't wait for other sequences to finish);
-2. run ONE batched decode forward pass for every active sequence, sample each sequence's next
-   token, emit it, and retire sequences that finished (compacting the cache slots).
+1. admit waiting requests into free KV-cache slots (up to ``prefill_token_budget`` prompt
+   tokens per step);
+2. run ONE forward pass for every active sequence's next token *and* the joining prompts
+   (in-flight fused batching: prompts ride along with the decode step instead of a pass of
+   their own), sample each row's token (a joining request's first token is sent at once) and
+   retire sequences that finished (compacting the cache slots).
 
 So new requests join between steps and finished ones leave, and the cost of a step is shared by
 all active sequences.  ``max_active_sequences=1`` turns batching off (requests run one by one).
@@ -113,7 +115,8 @@ def sample(logits: np.ndarray, req: GenRequest, rng: Optional[np.random.Generato
 
 
 class Engine:
-    #: prompts joining in the same step are prefilled together, up to this many tokens per pass
+    #: prompts joining in the same step share its forward pass, up to this many prompt tokens
+    #: (at least one prompt joins whatever its length; the rest wait for the next step)
     prefill_token_budget = 512
     #: check each sequence for cancellation every this many generated tokens
     cancel_check_every = 8
@@ -158,12 +161,12 @@ class Engine:
 
     # -- the loop ---------------------------------------------------------------------------
     def step(self) -> bool:
-        """Admit waiting requests, then one batched decode step.  Returns False if idle."""
+        """Admit waiting requests, then one forward pass for all.  Returns False if idle."""
         with self._step_lock:
-            self._admit()
-            if not self._active:
+            joining = self._admit()
+            if not self._active and not joining:
                 return bool(self._pending)
-            self._decode_step()
+            self._forward_step(joining)
             return True
 
     def run_until_idle(self) -> None:
@@ -234,83 +237,80 @@ class Engine:
         except Exception:
             return False
 
-    def _admit(self) -> None:
-        """Move waiting requests into free slots: batched prefill, then each one's first token."""
+    def _admit(self) -> list[_Sequence]:
+        """Take waiting requests for the free slots, within the step's prompt-token budget."""
         joining: list[_Sequence] = []
+        budget = 0
         with self._cv:
             while self._pending and len(self._active) + len(joining) < self.max_active:
-                seq = self._pending.popleft()
+                seq = self._pending[0]
+                if joining and budget + len(seq.ids) > self.prefill_token_budget:
+                    break
+                self._pending.popleft()
                 if self._cancelled(seq):
                     self.stats["cancelled"] += 1
                     continue
                 joining.append(seq)
-        if not joining:
-            return
-        # group the prompts into prefill passes of at most PREFILL_TOKEN_BUDGET tokens
-        groups: list[list[_Sequence]] = [[]]
-        budget = 0
-        for seq in joining:
-            if groups[-1] and budget + len(seq.ids) > self.prefill_token_budget:
-                groups.append([])
-                budget = 0
-            groups[-1].append(seq)
-            budget += len(seq.ids)
-        for group in groups:
-            first_slot = len(self._active)
-            t0 = time.perf_counter()
-            logits = self.model.prefill_many(
-                list(range(first_slot, first_slot + len(group))), [s.ids for s in group]
-            )
-            self.timings["prefill"] += time.perf_counter() - t0
-            self.stats["prefill_passes"] += 1
-            done = []
-            for i, seq in enumerate(group):
-                self.stats["prefill_tokens"] += len(seq.ids)
-                self.stats["prefills"] += 1
-                self._active.append(seq)
-                self._accept(seq, logits[i])
-                if seq.finished:
-                    done.append(first_slot + i)
-            if done:
-                self._retire(done)
+                budget += len(seq.ids)
+        return joining
 
-    def _decode_step(self) -> None:
+    def _forward_step(self, joining: list[_Sequence]) -> None:
+        """One forward pass: the active sequences' next tokens and the joining prompts."""
         active = self._active
-        ids = np.fromiter((s.last_token for s in active), dtype=np.int64, count=len(active))
-        pos = np.fromiter((s.position for s in active), dtype=np.int64, count=len(active))
-        t0 = time.perf_counter()
-        logits = self.model.decode(ids, pos)
-        t1 = time.perf_counter()
-        self.timings["decode"] += t1 - t0
         b = len(active)
-        self.stats["decode_steps"] += 1
-        self.stats["decode_tokens"] += b
-        if b > self.max_batch_seen:
-            self.max_batch_seen = b
-        greedy = np.argmax(logits, axis=1)  # one vectorised argmax for the greedy sequences
+        ids = np.fromiter((s.last_token for s in active), dtype=np.int64, count=b)
+        pos = np.fromiter((s.position for s in active), dtype=np.int64, count=b)
+        t0 = time.perf_counter()
+        logits = self.model.forward(ids, pos, list(range(b, b + len(joining))), [s.ids for s in joining])
+        t1 = time.perf_counter()
+        if b:
+            self.timings["decode"] += t1 - t0
+            self.stats["decode_steps"] += 1
+            self.stats["decode_tokens"] += b
+            if b > self.max_batch_seen:
+                self.max_batch_seen = b
+        else:
+            self.timings["prefill"] += t1 - t0
+            self.stats["prefill_passes"] += 1
+        if joining:
+            self.stats["prefills"] += len(joining)
+            self.stats["prefill_tokens"] += sum(len(s.ids) for s in joining)
+            if b:
+                self.stats["fused_prefills"] += len(joining)
+        # one vectorised argmax (and vocabulary lookup) for all rows; sequences that sample
+        # (temperature > 0) draw from their own row in _accept instead
+        greedy = self.model.vocab[np.argmax(logits, axis=1)].tolist()
+        check = self.cancel_check_every
         done = []
         for i, seq in enumerate(active):
             seq.position += 1
-            # asking Triton whether the client went away is an IPC round trip: not every token
-            if seq.n_generated % self.cancel_check_every == 0 and self._cancelled(seq):
+            # is_cancelled may be costly (Triton: an IPC round trip): not every token
+            if seq.n_generated % check == 0 and self._cancelled(seq):
                 seq.finished = True
                 self.stats["cancelled"] += 1
                 done.append(i)
                 continue
-            self._accept(seq, logits[i], int(greedy[i]))
+            self._accept(seq, logits[i], greedy[i])
             if seq.finished:
                 done.append(i)
+        for j, seq in enumerate(joining):  # their first token
+            active.append(seq)
+            self._accept(seq, logits[b + j], greedy[b + j])
+            if seq.finished:
+                done.append(b + j)
         self.timings["emit"] += time.perf_counter() - t1
         if done:
             self._retire(done)
 
-    def _accept(self, seq: _Sequence, logits: np.ndarray, argmax: int | None = None) -> None:
-        """Sample the next token from ``logits`` and emit its event."""
-        if argmax is not None and (seq.req.temperature <= 0 or seq.rng is None):
-            idx = argmax
+    def _accept(self, seq: _Sequence, logits: np.ndarray, greedy_token: int | None = None) -> None:
+        """Sample the next token from ``logits`` and emit its event.
+
+        ``greedy_token``: the cl100k id of the argmax of ``logits`` when the caller has it already.
+        """
+        if seq.rng is None and greedy_token is not None:
+            token = greedy_token
         else:
-            idx = sample(logits, seq.req, seq.rng)
-        token = int(self.model.vocab[idx])
+            token = int(self.model.vocab[sample(logits, seq.req, seq.rng)])
         if seq.first_token_at is None:
             seq.first_token_at = time.monotonic()
         finish = ""

@@ -92,11 +92,17 @@ def _response(text: str, ev: Event):
     )
 
 
-class _SendQueue:
-    """Builds and sends responses on its own thread, in order.
+#: the sender thread asks Triton whether a request was cancelled every this many tokens
+CANCEL_POLL_EVERY = 8
 
-    Creating a response and handing it to Triton is an IPC round trip; doing it here lets the
-    engine thread start the next decode step (NumPy releases the GIL inside BLAS) meanwhile.
+
+class _SendQueue:
+    """Builds and sends responses on its own thread, in order, and polls for cancellation.
+
+    Creating a response and handing it to Triton is an IPC round trip, and so is asking whether
+    the client went away (``is_cancelled()``, ~0.2 ms).  Doing both here keeps them off the
+    engine thread, which starts the next decode step meanwhile (NumPy releases the GIL inside
+    BLAS); the engine only reads the flag this thread sets (:meth:`_Responder.is_cancelled`).
     """
 
     def __init__(self, name: str) -> None:
@@ -104,22 +110,31 @@ class _SendQueue:
         self._thread = threading.Thread(target=self._run, name=f"{name}-sender", daemon=True)
         self._thread.start()
 
-    def put(self, sender, text: str, ev: Event, final: bool) -> None:
-        self._q.put((sender, text, ev, final))
+    def put(self, responder: "_Responder", text: str, ev: Event | BaseException | None) -> None:
+        """Queue a response (``ev`` an :class:`Event`), an error (an exception; ``text`` is the
+        message) or, with ``ev`` None, just a cancellation poll for ``responder``."""
+        self._q.put((responder, text, ev))
 
     def _run(self) -> None:
+        final_flag = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         while True:
             item = self._q.get()
             if item is None:
                 return
-            sender, text, ev, final = item
+            responder, text, ev = item
+            sender = responder.sender
             try:
-                if isinstance(ev, BaseException):
+                if ev is None:
+                    responder.cancelled = bool(sender.is_cancelled())
+                elif isinstance(ev, BaseException):
                     _send_error(sender, text)
                 else:
-                    flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
-                    sender.send(_response(text, ev), flags=flags)
+                    final = bool(ev.finish_reason)
+                    sender.send(_response(text, ev), flags=final_flag if final else 0)
+                    if not final and ev.completion_tokens % CANCEL_POLL_EVERY == 0:
+                        responder.cancelled = bool(sender.is_cancelled())
             except Exception as exc:  # client gone, server shutting down, ...
+                responder.cancelled = True
                 pb_utils.Logger.log_verbose(f"reference_llm: response not sent: {exc!r}")
 
     def close(self, timeout: float = 5.0) -> None:
@@ -130,24 +145,27 @@ class _SendQueue:
 class _Responder:
     """Turns engine events into Triton responses for one request."""
 
-    __slots__ = ("sender", "stream", "parts", "out")
+    __slots__ = ("sender", "stream", "parts", "out", "cancelled")
 
     def __init__(self, sender, stream: bool, out: _SendQueue) -> None:
         self.sender = sender
         self.stream = stream
         self.parts: list[str] = []
         self.out = out
+        self.cancelled = False  # set by the sender thread
 
     def __call__(self, ev: Event) -> None:
         if self.stream:
-            self.out.put(self.sender, ev.text, ev, ev.final)
+            self.out.put(self, ev.text, ev)
             return
         self.parts.append(ev.text)
         if ev.final:
-            self.out.put(self.sender, "".join(self.parts), ev, True)
+            self.out.put(self, "".join(self.parts), ev)
+        elif ev.completion_tokens % CANCEL_POLL_EVERY == 0:
+            self.out.put(self, "", None)  # nothing to send yet: only ask about cancellation
 
     def is_cancelled(self) -> bool:
-        return bool(self.sender.is_cancelled())
+        return self.cancelled
 
 
 def _send_error(sender, message: str) -> None:
@@ -200,8 +218,10 @@ class TritonPythonModel:
                 "waiting": ("reference_llm_waiting_requests",
                             "Requests accepted but waiting for a free sequence slot", "gauge"),
                 "active": ("reference_llm_active_sequences", "Sequences being generated now", "gauge"),
-                "t_prefill": ("reference_llm_prefill_seconds_total", "Time spent in prefill forward passes", "counter"),
-                "t_decode": ("reference_llm_decode_seconds_total", "Time spent in batched decode forward passes", "counter"),
+                "t_prefill": ("reference_llm_prefill_seconds_total",
+                              "Time spent in forward passes of joining prompts alone (no sequence decoding)", "counter"),
+                "t_decode": ("reference_llm_decode_seconds_total",
+                             "Time spent in batched decode forward passes (joining prompts fused in included)", "counter"),
                 "t_emit": ("reference_llm_emit_seconds_total",
                            "Time spent sampling, detokenizing and sending responses after decode steps", "counter"),
             }
@@ -244,9 +264,8 @@ class TritonPythonModel:
         self._last_flush = time.monotonic()
 
     def _on_engine_error(self, exc: BaseException, callback) -> None:
-        sender = getattr(callback, "sender", None)
-        if sender is not None:
-            self._out.put(sender, f"generation failed: {exc!r}", exc, True)
+        if isinstance(callback, _Responder):
+            self._out.put(callback, f"generation failed: {exc!r}", exc)
 
     # -- requests ---------------------------------------------------------------------------
     def execute(self, requests):
