@@ -67,6 +67,17 @@ def tier_ladder(tiers: Mapping[str, "TierConfig"], order: Sequence[str] | None =
     return sorted(tiers, key=lambda n: (tiers[n].price.completion_per_1k, tiers[n].price.prompt_per_1k, index[n]))
 
 
+def policy_ladder(plugin: str, tiers: Mapping[str, "TierConfig"], order: Sequence[str] | None) -> list[str]:
+    """:func:`tier_ladder` for a policy's start-up: a bad ``ladder`` setting is a
+    :class:`~extproc.config.ConfigError` naming ``<plugin>.settings.ladder``."""
+    from .config import ConfigError
+
+    try:
+        return tier_ladder(tiers, order)
+    except ValueError as exc:
+        raise ConfigError(f"{plugin}.settings.{exc}") from None
+
+
 def closest_allowed(tier: str, candidates: Sequence[str], ladder: Sequence[str], *,
                     prefer: str = "down") -> str | None:
     """``tier`` if allowed, else the allowed tier nearest to it on the ladder.

@@ -40,10 +40,7 @@ class BudgetDowngrade:
     @hookimpl
     def extproc_startup(self, gateway):
         self.registry = gateway.tiers
-        try:
-            self.ladder = routing.tier_ladder(gateway.tiers.tiers, self.settings.ladder)
-        except ValueError as exc:
-            raise ConfigError(f"{NAME}.settings.{exc}") from None
+        self.ladder = routing.policy_ladder(NAME, gateway.tiers.tiers, self.settings.ladder)
         if self.settings.floor is not None and self.settings.floor not in gateway.tiers.tiers:
             raise ConfigError(f"{NAME}.settings.floor: unknown tier {self.settings.floor!r}")
 

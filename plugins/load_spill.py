@@ -86,10 +86,7 @@ class LoadSpill:
         s = self.settings
         self.registry = gateway.tiers
         tiers = gateway.tiers.tiers
-        try:
-            self.ladder = routing.tier_ladder(tiers, s.ladder)
-        except ValueError as exc:
-            raise ConfigError(f"{NAME}.settings.{exc}") from None
+        self.ladder = routing.policy_ladder(NAME, tiers, s.ladder)
         for key, names in (("max_depth", s.max_depth), ("metrics_urls", s.metrics_urls), ("models", s.models)):
             unknown = [t for t in names if t not in tiers]
             if unknown:

@@ -132,10 +132,7 @@ class RouteRules:
     def extproc_startup(self, gateway):
         self.registry = gateway.tiers
         tiers = gateway.tiers.tiers
-        try:
-            self.ladder = routing.tier_ladder(tiers, self.settings.ladder)
-        except ValueError as exc:
-            raise ConfigError(f"{NAME}.settings.{exc}") from None
+        self.ladder = routing.policy_ladder(NAME, tiers, self.settings.ladder)
         routing.prompt_tokens_ready()
         checked = set(routing.KNOWN_CAPABILITIES).union(*(r.require for r in self.settings.rules))
         for name, tier in tiers.items():

@@ -82,10 +82,7 @@ class SemanticRoutes:
     async def extproc_startup(self, gateway):
         self.registry = gateway.tiers
         tiers = gateway.tiers.tiers
-        try:
-            self.ladder = routing.tier_ladder(tiers, self.settings.ladder)
-        except ValueError as exc:
-            raise ConfigError(f"{NAME}.settings.{exc}") from None
+        self.ladder = routing.policy_ladder(NAME, tiers, self.settings.ladder)
         routes, source = self._routes()
         unknown = [t for t in routes if t not in tiers]
         if self.settings.default_tier is not None and self.settings.default_tier not in tiers:
