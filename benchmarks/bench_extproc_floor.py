@@ -216,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-go", action="store_true", help="skip the Go reference server")
     ap.add_argument("--rounds", type=int, default=1,
                     help="measure every row this many times, rows interleaved (round 2 in reverse order)")
+    ap.add_argument("--wrk-connections", type=int, default=0,
+                    help="also measure req/s with wrk at this many connections (and CPU per request there)")
+    ap.add_argument("--wrk-duration", type=float, default=5.0)
     ap.add_argument("--modes", default="", help="comma-separated row numbers (1-based, as in MODES) to run; default all")
     args = ap.parse_args(argv)
     import yaml
@@ -266,6 +269,12 @@ def main(argv: list[str] | None = None) -> int:
         envoy.wait_until(lambda: http_ok(f"http://127.0.0.1:{admin}/ready"), 30, "ready")
         return listen, envoy
 
+    if args.wrk_connections:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from bench_extproc_hop import ensure_wrk, run_wrk
+
+        wrk = ensure_wrk()
+
     def measure(port: int, server: ManagedProcess | None, envoy: ManagedProcess) -> str:
         n = args.requests + 200  # p50() sends 200 warm-up requests first
         s0 = cpu_seconds(server.proc.pid) if server else 0.0
@@ -273,7 +282,16 @@ def main(argv: list[str] | None = None) -> int:
         value = p50(port, args.requests)
         s1 = cpu_seconds(server.proc.pid) if server else 0.0
         e1 = cpu_seconds(envoy.proc.pid)
-        return f"{value:7.3f}   {(s1 - s0) / n * 1000:8.3f}   {(e1 - e0) / n * 1000:8.3f}"
+        out = f"{value:7.3f}   {(s1 - s0) / n * 1000:8.3f}   {(e1 - e0) / n * 1000:8.3f}"
+        if args.wrk_connections:
+            res = run_wrk(wrk, f"http://127.0.0.1:{port}", args.wrk_connections, args.wrk_duration, 1)
+            s2 = cpu_seconds(server.proc.pid) if server else 0.0
+            e2 = cpu_seconds(envoy.proc.pid)
+            k = max(1, res["requests"])
+            out += f"   {res['rps']:8.0f}   {(s2 - s1) / k * 1000:8.3f}   {(e2 - e1) / k * 1000:8.3f}"
+            if res["errors"]:
+                out += f"  ({res['errors']} errors)"
+        return out
 
     try:
         rows = []
@@ -297,7 +315,10 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append((server_name, mode, measure(port, server, envoy)))
                     envoy.stop()
         print(f"1 client, {args.requests} requests per row (after 200 warm-up); no-op ext_proc servers")
-        print(f"{'server':18s} {'mode':34s} {'p50 ms':>7s}  {'server CPU':>9s}  {'Envoy CPU':>9s}  (ms per request)")
+        head = f"{'server':18s} {'mode':34s} {'p50 ms':>7s}  {'server CPU':>9s}  {'Envoy CPU':>9s}"
+        if args.wrk_connections:
+            head += f"  {'req/s @' + str(args.wrk_connections):>9s}  {'server CPU':>9s}  {'Envoy CPU':>9s}"
+        print(head + "  (CPU: ms per request)")
         for server_name, mode, figures in rows:
             print(f"{server_name:18s} {mode:34s} {figures}")
     finally:
