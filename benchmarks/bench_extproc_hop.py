@@ -260,6 +260,13 @@ def case_b(args, work: Path, stub_port: int) -> Case:
     port = free_port()
     cmd = args.extproc_cmd.format(bindir=bindir, config=config, port=port,
                                   workers=args.extproc_workers, python=sys.executable)
+    sockets = None
+    if args.extproc_sockets:
+        from extproc.server import worker_socket_paths
+
+        cmd += f" --worker-sockets {shlex.quote(str(work / 'sockets'))}"
+        sockets = worker_socket_paths(work / "sockets", args.extproc_workers)
+        c.title = "Envoy + ext_proc -> stub, a Unix socket per worker"
     argv = shlex.split(cmd)
     exe = shutil.which(argv[0]) or (argv[0] if Path(argv[0]).exists() else None)
     if exe is None:
@@ -269,8 +276,9 @@ def case_b(args, work: Path, stub_port: int) -> Case:
     c.procs.append(svc)
     wait_for(lambda: grpc_serving(port), 60, "ext_proc service SERVING", [svc])
     listen, admin = free_port(), free_port()
-    cfg = render(ROOT / "envoy" / "envoy.yaml", work / "envoy.yaml", listen=listen, admin=admin,
-                 extproc=port, stub=stub_port)
+    cfg = write_envoy_config(ROOT / "envoy" / "envoy.yaml", work / "envoy.yaml", listen_port=listen,
+                             admin_port=admin, extproc_port=port, triton_port=stub_port,
+                             passthrough_port=stub_port, extproc_sockets=sockets)
     c.procs.append(start_envoy(cfg, work, "envoy", admin, args.envoy_concurrency, [svc]))
     c.url = f"http://127.0.0.1:{listen}"
     # The extproc cluster is health checked: wait until a request really passes.
@@ -399,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="service start command; placeholders {bindir} {python} {config} {port} {workers}")
     ap.add_argument("--extproc-config", help="service config (default: generated, tier passthrough -> stub)")
     ap.add_argument("--extproc-workers", type=int, default=2)
+    ap.add_argument("--extproc-sockets", action="store_true",
+                    help="one Unix socket per service worker (server.worker_sockets), each an Envoy "
+                         "endpoint, instead of one SO_REUSEPORT TCP port")
     ap.add_argument("--plugins", default="",
                     help="comma-separated plugins for the service instead of the default config's")
     ap.add_argument("--litellm-venv", default="/tmp/litellm-venv")

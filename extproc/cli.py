@@ -14,7 +14,7 @@ from .config import ConfigError, load_config
 
 def _overrides(args) -> dict:
     server: dict = {}
-    for key in ("host", "port", "workers", "log_level", "metrics_port", "triton_metrics_url"):
+    for key in ("host", "port", "workers", "worker_sockets", "log_level", "metrics_port", "triton_metrics_url"):
         value = getattr(args, key, None)
         if value is not None:
             server[key] = value
@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--workers", type=int, help="worker processes (default: config, 0 = one per core)")
+    serve.add_argument("--worker-sockets", metavar="DIR",
+                       help="worker i also listens on DIR/extproc-<i>.sock (one Envoy endpoint per worker)")
     serve.add_argument("--redis", metavar="URL", help="keep shared state in Redis")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics here (0 = off)")
