@@ -190,6 +190,7 @@ class Case:
     skipped: str | None = None
     results: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    cpu_pids: list[int] = field(default_factory=list)  # service workers: CPU per worker is reported
 
     def stop(self) -> None:
         for p in reversed(self.procs):
@@ -284,7 +285,40 @@ def case_b(args, work: Path, stub_port: int) -> Case:
     # The extproc cluster is health checked: wait until a request really passes.
     wait_for(lambda: chat_ok(c.url), 30, "a chat completion through Envoy + ext_proc", c.procs)
     c.notes.append(f"service: {cmd}")
+    c.cpu_pids = service_workers(svc.popen.pid)
     return c
+
+
+def service_workers(pid: int) -> list[int]:
+    """The worker processes of `extproc serve` (its multiprocessing children, not the resource
+    tracker); [] if they cannot be told (another --extproc-cmd, say)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError):
+            continue
+        if ppid == pid and "spawn_main" in cmdline:
+            out.append(int(d.name))
+    if not out:  # e.g. `env ... python -m extproc serve`: one more process in between
+        for d in Path("/proc").iterdir():
+            try:
+                if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out += service_workers(int(d.name))
+            except (OSError, ValueError):
+                continue
+    return sorted(out)
+
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def find_litellm(args) -> tuple[str | None, str]:
@@ -450,7 +484,13 @@ def main(argv: list[str] | None = None) -> int:
                 if args.warmup > 0:
                     run_wrk(wrk, case.url, 16, args.warmup, args.wrk_threads, args.stream)
                 for label, conns in (("c1", 1), ("c16", 16), ("sat", args.saturation_connections)):
+                    cpu0 = [cpu_seconds(p) for p in case.cpu_pids]
                     res = run_wrk(wrk, case.url, conns, args.duration, args.wrk_threads, args.stream)
+                    if case.cpu_pids:
+                        res["worker_cpu_s"] = [round(cpu_seconds(p) - c, 2) for p, c in zip(case.cpu_pids, cpu0)]
+                        if label == "sat":  # SO_REUSEPORT can put all of Envoy's connections on one worker
+                            case.notes.append(f"CPU seconds per service worker at {conns} connections "
+                                              f"({args.duration:.0f} s): {', '.join(map(str, res['worker_cpu_s']))}")
                     case.results[label] = res
                     print(f"  {conns:>3} conns: p50 {fmt_ms(res['p50_us'])} ms  p99 "
                           f"{fmt_ms(res['p99_us'])} ms  {res['rps']:.0f} req/s  errors {res['errors']}"
