@@ -3,22 +3,28 @@
 
 The server answers every message with an empty reply of the right kind (and sets the tier header
 in the request-body answer so the route is re-picked), so whatever latency remains is Envoy's
-ext_proc filter plus Python grpc.aio, not the gateway. Three processing modes are compared, each
-on its own Envoy in front of the same stub upstream:
+ext_proc filter plus Python grpc.aio, not the gateway. The rows of MODES are compared, each on its
+own Envoy in front of the same stub upstream:
 
-  4 messages  envoy/envoy.yaml as shipped (request headers, request body, response headers and body)
-  3 messages  response headers skipped
-  2 messages  both response phases skipped
+  4 messages   envoy/envoy.yaml as shipped (request headers, request body, response headers and body)
+  3 messages   response headers skipped
+  2 messages   both response phases skipped
+  full duplex  request body FULL_DUPLEX_STREAMED (pipelined: the headers are answered after the
+               body is read), optionally the response body too
+  UDS          the same over a Unix socket (an Envoy `pipe` endpoint) instead of loopback TCP
 
-    python benchmarks/bench_extproc_floor.py [--requests 1500]
+    python benchmarks/bench_extproc_floor.py [--requests 1500] [--rounds 2] [--modes 1,4,6]
+        [--wrk-connections 16 --wrk-duration 5] [--no-go]
 
 Two no-op servers are measured the same way: the Python one (grpc.aio, this file) and, as the
 reference for what Envoy's ext_proc filter costs by itself, one in Go (grpc-go,
 benchmarks/noop_extproc_go/main.go, built here with Debian's golang-go and golang-google-grpc-dev,
 installed by scripts/ensure-debs.sh when missing; --no-go skips it). Besides the p50 the table
-shows the CPU time each request costs the ext_proc server and Envoy (from /proc, whole run).
+shows the CPU time each request costs the ext_proc server and Envoy (from /proc, whole run); with
+--wrk-connections also req/s and CPU per request at that many connections (wrk).
 
-One client, HTTP/1.1 keep-alive, loopback only, bounded by --requests. Nothing here runs in CI.
+One client (and wrk if asked), HTTP/1.1 keep-alive, loopback only, bounded by --requests and
+--wrk-duration. Nothing here runs in CI.
 """
 
 from __future__ import annotations
