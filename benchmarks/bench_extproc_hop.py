@@ -190,6 +190,7 @@ class Case:
     skipped: str | None = None
     results: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    cpu_pids: list[int] = field(default_factory=list)  # service workers: CPU per worker is reported
 
     def stop(self) -> None:
         for p in reversed(self.procs):
@@ -260,6 +261,13 @@ def case_b(args, work: Path, stub_port: int) -> Case:
     port = free_port()
     cmd = args.extproc_cmd.format(bindir=bindir, config=config, port=port,
                                   workers=args.extproc_workers, python=sys.executable)
+    sockets = None
+    if args.extproc_sockets:
+        from extproc.server import worker_socket_paths
+
+        cmd += f" --worker-sockets {shlex.quote(str(work / 'sockets'))}"
+        sockets = worker_socket_paths(work / "sockets", args.extproc_workers)
+        c.title = "Envoy + ext_proc -> stub, a Unix socket per worker"
     argv = shlex.split(cmd)
     exe = shutil.which(argv[0]) or (argv[0] if Path(argv[0]).exists() else None)
     if exe is None:
@@ -269,14 +277,48 @@ def case_b(args, work: Path, stub_port: int) -> Case:
     c.procs.append(svc)
     wait_for(lambda: grpc_serving(port), 60, "ext_proc service SERVING", [svc])
     listen, admin = free_port(), free_port()
-    cfg = render(ROOT / "envoy" / "envoy.yaml", work / "envoy.yaml", listen=listen, admin=admin,
-                 extproc=port, stub=stub_port)
+    cfg = write_envoy_config(ROOT / "envoy" / "envoy.yaml", work / "envoy.yaml", listen_port=listen,
+                             admin_port=admin, extproc_port=port, triton_port=stub_port,
+                             passthrough_port=stub_port, extproc_sockets=sockets)
     c.procs.append(start_envoy(cfg, work, "envoy", admin, args.envoy_concurrency, [svc]))
     c.url = f"http://127.0.0.1:{listen}"
     # The extproc cluster is health checked: wait until a request really passes.
     wait_for(lambda: chat_ok(c.url), 30, "a chat completion through Envoy + ext_proc", c.procs)
     c.notes.append(f"service: {cmd}")
+    c.cpu_pids = service_workers(svc.popen.pid)
     return c
+
+
+def service_workers(pid: int) -> list[int]:
+    """The worker processes of `extproc serve` (its multiprocessing children, not the resource
+    tracker); [] if they cannot be told (another --extproc-cmd, say)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError):
+            continue
+        if ppid == pid and "spawn_main" in cmdline:
+            out.append(int(d.name))
+    if not out:  # e.g. `env ... python -m extproc serve`: one more process in between
+        for d in Path("/proc").iterdir():
+            try:
+                if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out += service_workers(int(d.name))
+            except (OSError, ValueError):
+                continue
+    return sorted(out)
+
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def find_litellm(args) -> tuple[str | None, str]:
@@ -399,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="service start command; placeholders {bindir} {python} {config} {port} {workers}")
     ap.add_argument("--extproc-config", help="service config (default: generated, tier passthrough -> stub)")
     ap.add_argument("--extproc-workers", type=int, default=2)
+    ap.add_argument("--extproc-sockets", action="store_true",
+                    help="one Unix socket per service worker (server.worker_sockets), each an Envoy "
+                         "endpoint, instead of one SO_REUSEPORT TCP port")
     ap.add_argument("--plugins", default="",
                     help="comma-separated plugins for the service instead of the default config's")
     ap.add_argument("--litellm-venv", default="/tmp/litellm-venv")
@@ -439,7 +484,13 @@ def main(argv: list[str] | None = None) -> int:
                 if args.warmup > 0:
                     run_wrk(wrk, case.url, 16, args.warmup, args.wrk_threads, args.stream)
                 for label, conns in (("c1", 1), ("c16", 16), ("sat", args.saturation_connections)):
+                    cpu0 = [cpu_seconds(p) for p in case.cpu_pids]
                     res = run_wrk(wrk, case.url, conns, args.duration, args.wrk_threads, args.stream)
+                    if case.cpu_pids:
+                        res["worker_cpu_s"] = [round(cpu_seconds(p) - c, 2) for p, c in zip(case.cpu_pids, cpu0)]
+                        if label == "sat":  # SO_REUSEPORT can put all of Envoy's connections on one worker
+                            case.notes.append(f"CPU seconds per service worker at {conns} connections "
+                                              f"({args.duration:.0f} s): {', '.join(map(str, res['worker_cpu_s']))}")
                     case.results[label] = res
                     print(f"  {conns:>3} conns: p50 {fmt_ms(res['p50_us'])} ms  p99 "
                           f"{fmt_ms(res['p99_us'])} ms  {res['rps']:.0f} req/s  errors {res['errors']}"

@@ -14,7 +14,7 @@ from .config import ConfigError, load_config
 
 def _overrides(args) -> dict:
     server: dict = {}
-    for key in ("host", "port", "workers", "log_level", "metrics_port", "triton_metrics_url"):
+    for key in ("host", "port", "workers", "worker_sockets", "log_level", "metrics_port", "triton_metrics_url"):
         value = getattr(args, key, None)
         if value is not None:
             server[key] = value
@@ -74,7 +74,11 @@ def cmd_up(args) -> int:
                        triton_metrics=args.triton_port + 2)
     stack = Stack(Path(args.work_dir).resolve(), ports=ports, config_path=config_path,
                   models=tuple(args.models.split(",")), workers=args.workers, redis_url=args.redis,
-                  metrics_port=args.metrics_port)
+                  metrics_port=args.metrics_port, worker_sockets=args.worker_sockets)
+    if args.worker_sockets and not args.workers:
+        print("extproc up: --worker-sockets needs --workers N (Envoy lists one endpoint per worker)",
+              file=sys.stderr)
+        return 2
     stopping = False
 
     def _stop(signum, _frame):
@@ -91,7 +95,8 @@ llm-extproc is up ({time.monotonic() - started:.1f}s)
 
   OpenAI API (through Envoy)  {stack.base_url}
   models                      auto, small/medium/large (llm-small, llm-medium, llm-large)
-  ext_proc service            127.0.0.1:{p.extproc}  (gRPC, grpc.health.v1)
+  ext_proc service            127.0.0.1:{p.extproc}  (gRPC, grpc.health.v1){
+      f"; Envoy uses the sockets in {stack.socket_dir}" if stack.socket_dir else ""}
   Triton                      http://127.0.0.1:{p.triton_http}  (metrics :{p.triton_metrics})
   Envoy admin                 http://127.0.0.1:{p.admin}
   metrics (Prometheus)        {f"http://127.0.0.1:{args.metrics_port}/metrics" if args.metrics_port else "off"}
@@ -151,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--workers", type=int, help="worker processes (default: config, 0 = one per core)")
+    serve.add_argument("--worker-sockets", metavar="DIR",
+                       help="worker i also listens on DIR/extproc-<i>.sock (one Envoy endpoint per worker)")
     serve.add_argument("--redis", metavar="URL", help="keep shared state in Redis")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics here (0 = off)")
@@ -164,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--extproc-port", type=int, default=50051)
     up.add_argument("--triton-port", type=int, default=8000, help="Triton HTTP (gRPC and metrics use the next two)")
     up.add_argument("--workers", type=int)
+    up.add_argument("--worker-sockets", action="store_true",
+                    help="a Unix socket per worker (under the work dir), one Envoy endpoint each; needs --workers")
     up.add_argument("--redis", metavar="URL")
     up.add_argument("--models", default="llm-small,llm-medium,llm-large")
     up.add_argument("--work-dir", default=".run")

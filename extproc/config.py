@@ -31,6 +31,8 @@ class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)
     workers: int = Field(0, ge=0, description="worker processes on the port; 0 means one per core")
+    worker_sockets: str | None = Field(None, description="a directory: worker i also listens on the Unix socket "
+                                       "<dir>/extproc-<i>.sock, one Envoy endpoint per worker (see README)")
     grace_seconds: float = Field(10.0, ge=0, description="how long SIGTERM waits for in-flight streams")
     max_request_bytes: int = Field(16 * 1024 * 1024, gt=0, description="larger request bodies get 413")
     log_level: Literal["debug", "info", "warning", "error"] = "info"

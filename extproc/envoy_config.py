@@ -99,9 +99,27 @@ def _set_cluster_endpoint(clusters: dict[str, dict], name: str, port: int | None
             sa["address"] = host
 
 
+def set_extproc_sockets(config: dict, paths: list[str]) -> dict:
+    """Point the ``extproc`` cluster at the service workers' Unix sockets, one endpoint each
+    (``server.worker_sockets``): Envoy then spreads the streams over the workers itself, rather
+    than the kernel placing each of its few connections on one worker (``SO_REUSEPORT``)."""
+    if not paths:
+        raise EnvoyConfigError("no worker sockets given for the extproc cluster")
+    clusters = {c.get("name"): c for c in (config.get("static_resources") or {}).get("clusters") or []}
+    cluster = clusters.get(EXTPROC_CLUSTER)
+    if cluster is None:
+        raise EnvoyConfigError(f"no {EXTPROC_CLUSTER} cluster in the configuration")
+    cluster["type"] = "STATIC"  # pipe addresses are not resolved
+    cluster.pop("dns_lookup_family", None)
+    cluster["load_assignment"] = {"cluster_name": EXTPROC_CLUSTER, "endpoints": [{"lb_endpoints": [
+        {"endpoint": {"address": {"pipe": {"path": str(path)}}}} for path in paths]}]}
+    return config
+
+
 def render_config_dict(
     config: dict,
     *,
+    extproc_sockets: list[str] | None = None,
     listen_port: int | None = None,
     admin_port: int | None = None,
     extproc_port: int | None = None,
@@ -115,7 +133,9 @@ def render_config_dict(
 ) -> dict:
     """Rewrite, in place, the addresses of a parsed Envoy bootstrap and return it.
 
-    ``None`` leaves a value as the source has it.
+    ``None`` leaves a value as the source has it. ``extproc_sockets`` replaces the ``extproc``
+    cluster's endpoint by one Unix socket per service worker (:func:`set_extproc_sockets`;
+    ``extproc_port`` and ``extproc_host`` are then ignored).
     """
     if admin_port is not None or admin_address is not None:
         sa = _socket_address(config.get("admin") or {}, "admin")
@@ -138,7 +158,10 @@ def render_config_dict(
                 sa["address"] = listen_address
 
     clusters = {c.get("name"): c for c in static.get("clusters") or []}
-    _set_cluster_endpoint(clusters, EXTPROC_CLUSTER, extproc_port, extproc_host)
+    if extproc_sockets:
+        set_extproc_sockets(config, extproc_sockets)
+    else:
+        _set_cluster_endpoint(clusters, EXTPROC_CLUSTER, extproc_port, extproc_host)
     for name in TRITON_CLUSTERS:
         _set_cluster_endpoint(clusters, name, triton_port, triton_host)
     _set_cluster_endpoint(clusters, PASSTHROUGH_CLUSTER, passthrough_port, passthrough_host)
@@ -171,6 +194,7 @@ def render_envoy_config(
     extproc_host: str | None = None,
     triton_host: str | None = None,
     passthrough_host: str | None = None,
+    extproc_sockets: list[str] | None = None,
 ) -> str:
     """Load the Envoy YAML at ``src``, rewrite its ports (and optionally hosts), return YAML.
 
@@ -178,13 +202,14 @@ def render_envoy_config(
     address stays as in ``src`` unless ``admin_address`` is given); cluster ``extproc`` gets
     ``extproc_port``, clusters ``tier_small``/``tier_medium``/``tier_large`` get ``triton_port``
     and ``tier_passthrough`` gets ``passthrough_port`` (``None``: keep the source's). Clusters a
-    file does not have (``envoy-nofilter.yaml`` has no ``extproc``) are skipped.
+    file does not have (``envoy-nofilter.yaml`` has no ``extproc``) are skipped. With
+    ``extproc_sockets`` the ``extproc`` cluster gets those Unix sockets instead of a port.
     """
     config = render_config_dict(
         load_config(src), listen_port=listen_port, admin_port=admin_port,
         extproc_port=extproc_port, triton_port=triton_port, passthrough_port=passthrough_port,
         listen_address=listen_address, admin_address=admin_address, extproc_host=extproc_host,
-        triton_host=triton_host, passthrough_host=passthrough_host,
+        triton_host=triton_host, passthrough_host=passthrough_host, extproc_sockets=extproc_sockets,
     )
     return dump_config(config)
 
@@ -342,6 +367,14 @@ def validate(path: Path | str, *, timeout: float = 120.0) -> None:
         )
 
 
+def _socket_list(directory: str | None, workers: int) -> list[str] | None:
+    if not directory:
+        return None
+    from .server import worker_socket_paths
+
+    return worker_socket_paths(directory, workers or os.cpu_count() or 1)
+
+
 def _main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m extproc.envoy_config", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -359,6 +392,9 @@ def _main(argv: list[str] | None = None) -> int:
     r.add_argument("--triton-port", type=int, default=8000)
     r.add_argument("--passthrough-port", type=int)
     r.add_argument("--listen-address", default="127.0.0.1")
+    r.add_argument("--extproc-sockets", metavar="DIR",
+                   help="the service's server.worker_sockets: one extproc endpoint per worker socket")
+    r.add_argument("--extproc-workers", type=int, default=0, help="with --extproc-sockets: the number of workers")
     v = sub.add_parser("validate", help="envoy --mode validate")
     v.add_argument("paths", nargs="+")
     args = ap.parse_args(argv)
@@ -373,7 +409,8 @@ def _main(argv: list[str] | None = None) -> int:
             sys.stdout.write(render_envoy_config(
                 args.src, listen_port=args.listen_port, admin_port=args.admin_port,
                 extproc_port=args.extproc_port, triton_port=args.triton_port,
-                passthrough_port=args.passthrough_port, listen_address=args.listen_address))
+                passthrough_port=args.passthrough_port, listen_address=args.listen_address,
+                extproc_sockets=_socket_list(args.extproc_sockets, args.extproc_workers)))
         else:
             for p in args.paths:
                 validate(p)

@@ -1,7 +1,11 @@
 """Running the ext_proc service: one grpc.aio server per worker process, several workers on one port.
 
 Each worker binds the same address with ``SO_REUSEPORT``, so the kernel spreads Envoy's
-connections across them and every core is used. Each serves ``grpc.health.v1`` (overall and for
+connections across them. The kernel picks a worker per *connection*, and Envoy opens only one per
+worker thread, so two connections often land on the same worker and the other one idles; with
+``server.worker_sockets`` each worker also listens on a Unix socket of its own
+(:func:`worker_socket_path`), Envoy lists every socket as an endpoint and spreads the streams
+itself (round robin), so every worker gets its share. Each serves ``grpc.health.v1`` (overall and for
 ``envoy.service.ext_proc.v3.ExternalProcessor``). On SIGTERM or SIGINT a worker reports
 NOT_SERVING, stops taking new streams, lets in-flight ones finish for ``grace_seconds``, runs the
 plugins' shutdown hooks and exits; the parent forwards the signal to every worker and waits.
@@ -15,6 +19,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -45,6 +50,32 @@ def grpc_options(max_request_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+def worker_socket_path(directory: str | os.PathLike, index: int) -> str:
+    """The Unix socket worker ``index`` listens on when ``server.worker_sockets`` is set."""
+    return os.path.join(os.fspath(directory), f"extproc-{index}.sock")
+
+
+def worker_socket_paths(directory: str | os.PathLike, workers: int) -> list[str]:
+    """Every worker's socket, in worker order: the Envoy endpoints of the ``extproc`` cluster."""
+    return [worker_socket_path(directory, i) for i in range(workers)]
+
+
+def _check_socket_path(path: str) -> None:
+    if len(os.fsencode(path)) > 107:  # sun_path holds 108 bytes with the final NUL
+        raise OSError(f"Unix socket path too long ({len(os.fsencode(path))} bytes, at most 107): {path}")
+
+
+def _bind_worker_socket(server: grpc.aio.Server, path: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)  # left by a worker that did not stop cleanly
+    except FileNotFoundError:
+        pass
+    if server.add_insecure_port(f"unix:{path}") == 0:
+        raise OSError(f"cannot listen on the Unix socket {path}")
+
+
 @dataclass
 class RunningWorker:
     """A started worker: the server and what it needs to stop cleanly."""
@@ -54,17 +85,28 @@ class RunningWorker:
     processor: ExternalProcessor
     gateway: Gateway
     port: int
+    socket_path: str | None = None
 
     async def drain_and_stop(self, grace: float) -> None:
         """NOT_SERVING first, so health checks see it; then stop with a grace period."""
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)
+        if self.socket_path is not None:
+            try:
+                os.unlink(self.socket_path)
+            except OSError:
+                pass
         await self.gateway.stop()
 
 
-async def start_worker(config: GatewayConfig, *, gateway: Gateway | None = None) -> RunningWorker:
-    """Build the gateway, run plugin start-up, and start serving on the configured address."""
+async def start_worker(config: GatewayConfig, *, gateway: Gateway | None = None, index: int = 0) -> RunningWorker:
+    """Build the gateway, run plugin start-up, and start serving on the configured address (and,
+    with ``server.worker_sockets``, on worker ``index``'s Unix socket)."""
+    socket_path = None
+    if config.server.worker_sockets:
+        socket_path = worker_socket_path(config.server.worker_sockets, index)
+        _check_socket_path(socket_path)
     gateway = gateway or Gateway(config)
     await gateway.start()
     server = grpc.aio.server(options=grpc_options(config.server.max_request_bytes))
@@ -75,24 +117,27 @@ async def start_worker(config: GatewayConfig, *, gateway: Gateway | None = None)
     port = server.add_insecure_port(f"{config.server.host}:{config.server.port}")
     if port == 0:
         raise OSError(f"cannot listen on {config.server.host}:{config.server.port}")
+    if socket_path is not None:
+        _bind_worker_socket(server, socket_path)
     await server.start()
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    return RunningWorker(server, health, processor, gateway, port)
+    return RunningWorker(server, health, processor, gateway, port, socket_path)
 
 
-async def serve_worker(config: GatewayConfig, ready=None) -> None:
+async def serve_worker(config: GatewayConfig, ready=None, index: int = 0) -> None:
     """Serve until SIGTERM/SIGINT, then drain and return (a signal during start-up counts too)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    worker = await start_worker(config)
+    worker = await start_worker(config, index=index)
     from . import memdiag
 
     diag = memdiag.start_from_env(worker)  # only with $EXTPROC_MEMDIAG_DIR (soak runs)
-    log.info("worker %d serving ext_proc on %s:%d with plugins %s",
-             os.getpid(), config.server.host, worker.port, ", ".join(worker.gateway.plugin_names))
+    log.info("worker %d serving ext_proc on %s:%d%s with plugins %s",
+             os.getpid(), config.server.host, worker.port,
+             f" and unix:{worker.socket_path}" if worker.socket_path else "", ", ".join(worker.gateway.plugin_names))
     if ready is not None:
         ready.set()
     await stop.wait()
@@ -115,7 +160,7 @@ def _worker_main(config: GatewayConfig, ready, index: int = 0) -> None:
     os.environ["EXTPROC_WORKER_INDEX"] = str(index)  # lets a plugin run one thing once (the admin API)
     configure_logging(config.server.log_level)
     try:
-        asyncio.run(serve_worker(config, ready))
+        asyncio.run(serve_worker(config, ready, index))
     except Exception:
         log.exception("worker failed")
         sys.exit(1)

@@ -102,9 +102,11 @@ def http_ok(url: str, timeout: float = 1.0) -> bool:
 
 def service_command(config_path: Path | None, port: int, workers: int | None, redis_url: str | None,
                     host: str = "127.0.0.1", metrics_port: int | None = None,
-                    triton_metrics_url: str | None = None) -> list[str]:
+                    triton_metrics_url: str | None = None, worker_sockets: Path | None = None) -> list[str]:
     """The command line that starts the ext_proc service (``extproc serve``)."""
     cmd = [sys.executable, "-m", "extproc", "serve", "--host", host, "--port", str(port)]
+    if worker_sockets is not None:
+        cmd += ["--worker-sockets", str(worker_sockets)]
     if metrics_port is not None:
         cmd += ["--metrics-port", str(metrics_port)]
     if triton_metrics_url:
@@ -149,6 +151,9 @@ class Stack:
     with_triton: bool = True
     triton_env: dict | None = None  # extra environment for Triton (e.g. the reference tiers' knobs)
     metrics_port: int | None = None  # the service's Prometheus /metrics port; None: as its config says
+    #: One Unix socket per service worker (``server.worker_sockets``, under work_dir/sockets), each an
+    #: endpoint of Envoy's extproc cluster, instead of the one SO_REUSEPORT port. Needs ``workers``.
+    worker_sockets: bool = False
     triton: TritonProcess | None = None
     service: ManagedProcess | None = None
     envoy: ManagedProcess | None = None
@@ -158,7 +163,14 @@ class Stack:
         """The OpenAI base URL clients use (through Envoy)."""
         return f"http://127.0.0.1:{self.ports.listen}/v1"
 
+    @property
+    def socket_dir(self) -> Path | None:
+        """Where the workers' sockets are (``worker_sockets``), else None."""
+        return self.work_dir / "sockets" if self.worker_sockets else None
+
     def start(self) -> "Stack":
+        if self.worker_sockets and not self.workers:
+            raise ValueError("worker_sockets needs an explicit number of workers (Envoy lists each socket)")
         root = project_root() if (self.envoy_yaml is None or self.triton_models is None) else None
         self.envoy_yaml = self.envoy_yaml or root / "envoy" / "envoy.yaml"
         self.triton_models = self.triton_models or root / "triton_models"
@@ -188,7 +200,8 @@ class Stack:
             "extproc service",
             service_command(self.config_path, self.ports.extproc, self.workers, self.redis_url,
                             metrics_port=self.metrics_port,
-                            triton_metrics_url=f"http://127.0.0.1:{self.ports.triton_metrics}/metrics"),
+                            triton_metrics_url=f"http://127.0.0.1:{self.ports.triton_metrics}/metrics",
+                            worker_sockets=self.socket_dir),
             self.work_dir / "logs" / "extproc.log",
         )
         self.service.start()
@@ -199,11 +212,13 @@ class Stack:
 
     def start_envoy(self) -> None:
         from .envoy_config import envoy_binary, write_envoy_config
+        from .server import worker_socket_paths
 
         config = write_envoy_config(
             self.envoy_yaml, self.work_dir / "envoy.yaml",
             listen_port=self.ports.listen, admin_port=self.ports.admin, extproc_port=self.ports.extproc,
             triton_port=self.ports.triton_http, passthrough_port=self.ports.passthrough,
+            extproc_sockets=worker_socket_paths(self.socket_dir, self.workers) if self.worker_sockets else None,
         )
         self.envoy = ManagedProcess(
             "envoy",

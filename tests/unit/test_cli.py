@@ -34,3 +34,19 @@ def test_plugins_lists_built_ins_with_the_hooks_they_implement():
     assert rows["model_tiers"]["target"] == "extproc_plugins.model_tiers:ModelTiers"
     assert "extproc_choose_tier" in rows["model_tiers"]["hooks"]
     assert rows["budgets"]["loaded"] is False  # installed, opt-in
+
+
+def test_up_worker_sockets_needs_workers(tmp_path):
+    result = run("up", "--worker-sockets", "--work-dir", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert "--worker-sockets needs --workers N" in result.stderr
+    assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_serve_worker_sockets_option_reaches_the_config():
+    import argparse
+
+    from extproc.cli import _overrides
+
+    args = argparse.Namespace(worker_sockets="/run/extproc", workers=2)
+    assert _overrides(args)["server"] == {"workers": 2, "worker_sockets": "/run/extproc"}

@@ -102,6 +102,42 @@ def test_rendered_on_other_ports_validates_and_rewrites_by_name(envoy_bin, tmp_p
     assert cfg == src
 
 
+def test_rendered_with_worker_sockets_lists_one_pipe_endpoint_per_worker(envoy_bin, tmp_path):
+    from extproc.server import worker_socket_paths
+
+    paths = worker_socket_paths(tmp_path / "socks", 3)
+    out = ec.write_envoy_config(MAIN, tmp_path / "envoy.yaml", listen_port=18000, admin_port=18901,
+                                extproc_port=15051, triton_port=18001, extproc_sockets=paths)
+    ec.validate(out)
+    cfg = _load(out)
+    extproc = _clusters(cfg)["extproc"]
+    assert extproc["type"] == "STATIC" and "dns_lookup_family" not in extproc
+    endpoints = [e["endpoint"]["address"] for e in extproc["load_assignment"]["endpoints"][0]["lb_endpoints"]]
+    assert endpoints == [{"pipe": {"path": p}} for p in paths]
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["extproc-0.sock", "extproc-1.sock", "extproc-2.sock"]
+    # Health checks, HTTP/2, breakers and the rest of the cluster are as shipped.
+    src = _clusters(_load(MAIN))["extproc"]
+    for key in ("health_checks", "typed_extension_protocol_options", "circuit_breakers", "lb_policy",
+                "common_lb_config", "connect_timeout"):
+        assert extproc[key] == src[key], key
+    assert _ports(_clusters(cfg)["tier_small"]) == [18001]
+
+
+def test_worker_sockets_need_an_extproc_cluster_and_a_path():
+    with pytest.raises(ec.EnvoyConfigError):
+        ec.set_extproc_sockets(_load(ENVOY_DIR / "envoy-nofilter.yaml"), ["/tmp/x.sock"])
+    with pytest.raises(ec.EnvoyConfigError):
+        ec.set_extproc_sockets(_load(MAIN), [])
+
+
+def test_render_command_line_with_worker_sockets(capsys, tmp_path):
+    assert ec._main(["render", "--extproc-sockets", str(tmp_path), "--extproc-workers", "2"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    lb = _clusters(cfg)["extproc"]["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert [e["endpoint"]["address"]["pipe"]["path"] for e in lb] == [
+        str(tmp_path / "extproc-0.sock"), str(tmp_path / "extproc-1.sock")]
+
+
 def test_render_keeps_passthrough_port_when_none_and_sets_listen_address():
     cfg = yaml.safe_load(ec.render_envoy_config(
         MAIN, listen_port=1, admin_port=2, extproc_port=3, triton_port=4, listen_address="0.0.0.0"))
