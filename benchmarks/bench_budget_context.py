@@ -143,6 +143,7 @@ async def measure(op, n: int, clients: int, warmup: int = 50) -> list[float]:
             t = time.perf_counter()
             await op(i)
             out.append((time.perf_counter() - t) * 1000.0)
+            await asyncio.sleep(0)  # a client does other things between requests (untimed): let the others run
 
     await asyncio.gather(*[worker() for _ in range(clients)])
     return out

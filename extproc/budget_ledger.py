@@ -36,6 +36,7 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .budget_leases import LeaseBook, LeaseSettings
 from .state import ReservePlan, Store, StoreUnavailable
 
 METRICS = ("requests", "tokens", "usd")
@@ -226,12 +227,14 @@ class BudgetLedger:
         (:meth:`limits_for`, :meth:`report`); admission checks the overrides in the store each time.
     :param grace: seconds a counter outlives its window (a request admitted at the end of a window
         is reconciled into the window that admitted it).
+    :param leases: admit from budget blocks leased by this worker (:mod:`extproc.budget_leases`);
+        None: every admission is a store call of its own.
     """
 
     def __init__(self, store: Store, *, defaults: Mapping[str, Limits] | None = None,
                  configured: Mapping[tuple[str, str], Limits] | None = None,
                  track: Mapping[str, Iterable[str]] | None = None, settings_ttl: float = 2.0,
-                 grace: float = 3600.0, cache_size: int = 10_000):
+                 grace: float = 3600.0, cache_size: int = 10_000, leases: LeaseSettings | None = None):
         self.store = store
         self.defaults = dict(defaults or {})
         self.configured = dict(configured or {})
@@ -242,6 +245,8 @@ class BudgetLedger:
         self._cache: dict[tuple[str, str], tuple[Limits | None, float]] = {}
         self._seen: dict[Subject, bytes | None] = {}  # override records as the last admission saw them
         self._plans: dict[tuple, _Prepared] = {}
+        self.leases = None if leases is None else LeaseBook(leases, self._reserve_planned, store.commit_metrics,
+                                                            self._prepared, max_keys=cache_size)
 
     # limits ------------------------------------------------------------------------------
     async def overrides(self, subjects: list[Subject]) -> dict[Subject, Limits | None]:
@@ -341,19 +346,21 @@ class BudgetLedger:
         vector = [int(amounts.get(m, 0)) for m in METRICS]
         if not subjects_t:
             return Admission(True)
-        for _ in range(4):
-            prepared = self._prepared(subjects_t, now)
-            result = await self.store.reserve_plan(reservation_id, prepared.plan, vector, ttl)
-            if result.stale is None:
-                break
-            self._learn(subjects_t, result.stale)  # an override changed: plan with it, once more
-        else:
-            raise StoreUnavailable("budget settings changed on every attempt to reserve")
+        leases = self.leases
+        if leases is not None:
+            ratio = leases.take(reservation_id, subjects_t, vector, now)
+            if ratio is None:
+                ratio = await leases.open(reservation_id, subjects_t, vector, ttl, now)
+            if ratio is not None:
+                return Admission(True, max_ratio=ratio)
+        prepared, result = await self._reserve_planned(reservation_id, subjects_t, vector, ttl, now)
         if not result.ok:
             p = prepared.planned[result.failed]
             return Admission(False, refused=p, level=result.levels[result.failed],
                              requested=vector[METRIC_INDEX[p.metric]],
                              retry_after=max(1, math.ceil(p.end - now)))
+        if leases is not None:
+            leases.learn(subjects_t, prepared, result.levels, vector, now)
         ratio = 0.0
         levels, metrics = result.levels, prepared.plan.metrics
         for i, limit in prepared.limited:
@@ -363,13 +370,34 @@ class BudgetLedger:
                 ratio = max(ratio, 1.0)
         return Admission(True, max_ratio=ratio)
 
+    async def _reserve_planned(self, reservation_id: str, subjects: tuple[Subject, ...], vector: list[int],
+                               ttl: float, now: float):
+        """One store reservation of ``vector`` on these subjects' plan: ``(prepared, result)``.
+        Plans again (once per changed override) when the store says an admin override changed."""
+        for _ in range(4):
+            prepared = self._prepared(subjects, now)
+            result = await self.store.reserve_plan(reservation_id, prepared.plan, vector, ttl)
+            if result.stale is None:
+                return prepared, result
+            self._learn(subjects, result.stale)  # an override changed: plan with it, once more
+        raise StoreUnavailable("budget settings changed on every attempt to reserve")
+
     async def commit(self, reservation_id: str, actual: Mapping[str, int]) -> bool:
         """Reconcile a reservation to the real amounts (metric -> units; a metric not given keeps
         its reserved amount); once."""
-        return await self.store.commit_metrics(reservation_id, [int(actual.get(m, -1)) for m in METRICS])
+        vector = [int(actual.get(m, -1)) for m in METRICS]
+        if self.leases is not None and self.leases.owns(reservation_id):
+            if self.leases.settle(reservation_id, vector):
+                await self.leases.maintain()  # the block it came from is done: close it now
+            return True
+        return await self.store.commit_metrics(reservation_id, vector)
 
     async def release(self, reservation_id: str) -> bool:
         """Give a reservation back (aborted or failed request); once."""
+        if self.leases is not None and self.leases.owns(reservation_id):
+            if self.leases.settle(reservation_id, None):
+                await self.leases.maintain()
+            return True
         return await self.store.release(reservation_id)
 
     # reading ---------------------------------------------------------------------------------

@@ -25,6 +25,13 @@ reconcile that lands a moment later only over-counts for that moment. A full que
 request wait for its own settlement (back-pressure, nothing dropped); graceful shutdown (SIGTERM)
 sends everything queued before the worker exits.
 
+**Leases** (``leases``, on by default with Redis): instead of one store call per admission, a
+worker reserves a small block of budget for a set of subjects (one store call, the same atomic
+script) and admits the next requests of those subjects from it in memory; the block is reconciled
+to its requests' real usage when it is retired (after ``leases.seconds``) and they are settled. It
+is an ordinary reservation in the store, so nothing is ever overspent; near a limit, or under
+small limits, every request is reserved on its own (see :mod:`extproc.budget_leases`).
+
 Store unreachable at admission: ``on_store_unavailable: reject`` (default) answers 503
 ``budget_unavailable`` with ``Retry-After: 1`` (a cost-control gateway does not let unmetered
 traffic through); ``admit`` lets it through flagged (``x-extproc-degraded``). A reconcile or
@@ -49,6 +56,7 @@ from typing import Literal
 from pydantic import ConfigDict, Field
 
 from extproc import tokens
+from extproc.budget_leases import LeaseSettings
 from extproc.budget_ledger import (BudgetLedger, BudgetTables, ledger_from_tables, subjects_of, units_to_usd,
                                    usd_to_units)
 from extproc.decisions import Reply
@@ -94,6 +102,8 @@ class Budgets:
                                               "(admission always checks the store's)")
         settle_queue_size: int = Field(10_000, ge=1, description="reconciles/releases queued per worker; "
                                        "past it a request waits for its own (back-pressure)")
+        leases: LeaseSettings = Field(default_factory=LeaseSettings,
+                                      description="admit from budget blocks leased per worker (extproc.budget_leases)")
 
     def __init__(self, settings: "Budgets.Settings"):
         self.settings = settings
@@ -106,6 +116,7 @@ class Budgets:
         self._settle_idle: asyncio.Event | None = None
         self._settling = 0  # settlements taken from the queue and not finished yet
         self._settle_task: asyncio.Task | None = None
+        self._lease_task: asyncio.Task | None = None
 
     # start and stop ------------------------------------------------------------------------
     @hookimpl
@@ -119,9 +130,12 @@ class Budgets:
                 "that many times looser. Set state.redis_url (budgets shared by every worker and gateway), "
                 "or server.workers: 1, or budgets settings per_worker_limits: true to accept it.")
         self.gateway = gateway
+        leasing = s.leases.enabled == "on" or (s.leases.enabled == "auto" and not isinstance(gateway.store, MemoryStore))
         self.ledger = ledger_from_tables(gateway.store, s, settings_ttl=s.settings_cache_seconds,
-                                         grace=s.reservation_ttl_seconds)
+                                         grace=s.reservation_ttl_seconds, leases=s.leases if leasing else None)
         loop = asyncio.get_running_loop()
+        if leasing:
+            self._lease_task = loop.create_task(self._lease_loop())
         self._settle_wake, self._settle_idle = asyncio.Event(), asyncio.Event()
         self._settle_idle.set()
         self._settle_task = loop.create_task(self._settle_loop())
@@ -139,6 +153,12 @@ class Budgets:
                 await self._settle_task
             except asyncio.CancelledError:
                 pass
+        if self._lease_task is not None:
+            self._lease_task.cancel()
+            try:  # every block goes back: unused budget returned, real usage recorded
+                await self.ledger.leases.maintain(final=True)
+            except Exception:  # noqa: BLE001 - what stays reserved expires as spent (never under-counted)
+                log.exception("budgets: closing leased blocks at shutdown failed")
         if self._retry_task is not None:
             self._retry_task.cancel()
         await self._retry_pending()  # a last try before the worker exits
@@ -291,10 +311,13 @@ class Budgets:
         self._settle_wake.set()
 
     async def settled(self) -> None:
-        """Wait until every queued settlement was sent to the store (or parked for retry)."""
+        """Wait until every queued settlement was sent to the store (or parked for retry), and
+        give back every leased block nothing is in flight on."""
         if self._settle_idle is not None:
             while self._settle_queue or self._settling:
                 await self._settle_idle.wait()
+        if self.ledger is not None and self.ledger.leases is not None:
+            await self.ledger.leases.maintain(retire_all=True)
 
     async def _settle_loop(self) -> None:
         queue = self._settle_queue
@@ -345,6 +368,16 @@ class Budgets:
             except StoreUnavailable:
                 queue.appendleft((op, deadline))
                 return
+
+    async def _lease_loop(self) -> None:
+        """Retire leased blocks past their time and give back what they did not use."""
+        interval = min(0.25, self.settings.leases.seconds / 2)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.ledger.leases.maintain()
+            except Exception:  # noqa: BLE001 - keep maintaining whatever happened
+                log.exception("budgets: maintaining leased blocks failed")
 
     async def _retry_loop(self) -> None:
         while True:
