@@ -323,7 +323,8 @@ def bench_gateway(redis_url: str, duration: float, client_counts: list[int], rou
     try:
         hop.wait_for(lambda: hop.http_get_ok(f"http://127.0.0.1:{stub_port}/health"), 20, "stub", [stub])
         for r in range(rounds):
-            for label, with_budgets in (("without budgets", False), ("with budgets", True)):
+            order = (("without budgets", False), ("with budgets", True))
+            for label, with_budgets in (order if r % 2 == 0 else order[::-1]):  # ABBA: drift hits both
                 cfg = yaml.safe_load(hop.extproc_config(work, workers, []).read_text())
                 cfg["state"].update({"redis_url": redis_url, "key_prefix": f"bench{os.getpid()}:"})
                 if with_budgets:
@@ -332,7 +333,8 @@ def bench_gateway(redis_url: str, duration: float, client_counts: list[int], rou
                 path = work / f"gateway-{'budgets' if with_budgets else 'plain'}.yaml"
                 path.write_text(yaml.safe_dump(cfg, sort_keys=False))
                 args = types.SimpleNamespace(extproc_config=str(path), extproc_cmd=extproc_cmd or hop.DEFAULT_EXTPROC_CMD,
-                                             extproc_workers=workers, envoy_concurrency=2, plugins="")
+                                             extproc_workers=workers, envoy_concurrency=2, plugins="",
+                                             extproc_sockets=False)
                 case = hop.case_b(args, work, stub_port)
                 try:
                     hop.run_wrk(wrk, case.url, 16, 2, 2)  # warm-up
