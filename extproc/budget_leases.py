@@ -70,6 +70,18 @@ class Lease:
     retired: bool = False
     closed: bool = False
     refilling: bool = False  # the next block is being opened
+    hot: bool = False  # demand is high (its predecessor ran out): open the next one ahead of need
+    admitted: int = 0
+
+
+@dataclass(slots=True)
+class _Demand:
+    """How the last block of a set of subjects was used: sizes the next one."""
+
+    admitted: int  # requests it admitted
+    ran_out: bool  # it ran out of budget before its time was up
+    direct: int = 0  # requests reserved on their own since (sparse traffic)
+    direct_since: float = 0.0
 
 
 @dataclass(slots=True)
@@ -105,6 +117,7 @@ class LeaseBook:
         self.max_keys = max_keys
         self._active: dict[tuple, Lease] = {}
         self._next: dict[tuple, Lease] = {}  # opened ahead of need, admitting once the active one runs out
+        self._demand: dict[tuple, _Demand] = {}
         self._hints: dict[tuple, _Hint] = {}
         self._opening: dict[tuple, asyncio.Future] = {}
         self._slices: dict[str, Lease] = {}
@@ -127,7 +140,8 @@ class LeaseBook:
         if lease is None:
             return None
         if not self._fits(lease, vector, now):
-            self._retire(lease)  # the block opened ahead, if any, takes its place
+            timely = lease.minute == int(now // 60) and time.monotonic() < lease.admit_until
+            self._retire(lease, ran_out=timely)  # the block opened ahead, if any, takes its place
             lease = self._active.get(subjects)
             if lease is None or not self._fits(lease, vector, now):
                 if lease is not None:
@@ -137,9 +151,11 @@ class LeaseBook:
         for m, v in enumerate(vector):
             free[m] -= v
         lease.inflight[rid] = vector
+        lease.admitted += 1
         self._slices[rid] = lease
         self.local_admissions += 1
-        self._prefetch(lease, vector, now)
+        if lease.hot:
+            self._prefetch(lease, vector, now)
         return self._ratio(lease)
 
     @staticmethod
@@ -182,7 +198,8 @@ class LeaseBook:
         if hint is None or hint.minute != minute:  # not measured yet: size the block by the limits alone
             prepared = self._prepare(subjects, now)
             hint = _Hint(minute, prepared, [0] * len(prepared.plan.keys))
-        block = self._block(hint, vector)
+        demand = self._demand.get(subjects)
+        block = self._block(hint, vector, demand)
         if block is None:
             return None
         future = asyncio.get_running_loop().create_future()
@@ -203,7 +220,10 @@ class LeaseBook:
         self.opened += 1
         mono = time.monotonic()
         lease = Lease(lease_id, subjects, minute, prepared, block, list(block), [0] * len(block),
-                      list(result.levels), mono + self.settings.seconds, mono + ttl)
+                      list(result.levels), mono + self.settings.seconds, mono + ttl,
+                      hot=demand is None or demand.ran_out)
+        metrics = prepared.plan.metrics  # what the next block is sized by: the levels after this one
+        self._hints[subjects] = _Hint(minute, prepared, [lvl + block[metrics[i]] for i, lvl in enumerate(result.levels)])
         if len(self._active) >= self.max_keys:
             for other in list(self._active.values()):
                 self._retire(other)
@@ -238,9 +258,19 @@ class LeaseBook:
         except StoreUnavailable:
             pass  # the next admission that finds no block opens one itself (or is reserved alone)
 
-    def _block(self, hint: _Hint, vector: list[int]) -> list[int] | None:
-        """The block to reserve, per metric, or None when it would be too small to be worth it."""
+    def _block(self, hint: _Hint, vector: list[int], demand: _Demand | None) -> list[int] | None:
+        """The block to reserve, per metric, or None when it would be too small to be worth it.
+
+        Sized for ``max_requests`` requests like ``vector`` when demand is unknown or the last block
+        ran out, else for twice what the last block admitted; None (reserve each request on its
+        own) when the last block admitted fewer than two, until traffic picks up again.
+        """
         s = self.settings
+        requests = s.max_requests
+        if demand is not None and not demand.ran_out:
+            if demand.admitted < 2:
+                return None
+            requests = max(s.min_requests, min(s.max_requests, 2 * demand.admitted))
         metrics = hint.prepared.plan.metrics
         headroom: dict[int, int] = {}
         for i, limit in hint.prepared.limited:
@@ -249,7 +279,7 @@ class LeaseBook:
             headroom[m] = min(headroom.get(m, room), room)
         block = []
         for m, v in enumerate(vector):
-            want = v * s.max_requests
+            want = v * requests
             if m in headroom:
                 want = min(want, int(headroom[m] * s.fraction))
                 if v > 0 and want < v * s.min_requests:
@@ -258,12 +288,22 @@ class LeaseBook:
         return block
 
     def learn(self, subjects: tuple, prepared, levels: list[int], vector: list[int], now: float) -> None:
-        """What a store call saw (levels before the request): the headroom the next block is sized by."""
+        """What a store call of a request reserved on its own saw (levels before it): the headroom
+        the next block is sized by. Enough such requests within ``seconds`` bring leasing back."""
         if len(self._hints) >= self.max_keys:
             self._hints.clear()
+            self._demand.clear()
         metrics = prepared.plan.metrics
         after = [level + vector[metrics[i]] for i, level in enumerate(levels)]  # this request is reserved now
         self._hints[subjects] = _Hint(int(now // 60), prepared, after)
+        demand = self._demand.get(subjects)
+        if demand is not None and not demand.ran_out and demand.admitted < 2:
+            mono = time.monotonic()
+            if mono - demand.direct_since > self.settings.seconds:
+                demand.direct, demand.direct_since = 0, mono
+            demand.direct += 1
+            if demand.direct >= self.settings.min_requests:
+                del self._demand[subjects]  # busy again: lease
 
     # settling ---------------------------------------------------------------------------------
     def owns(self, rid: str) -> bool:
@@ -292,11 +332,14 @@ class LeaseBook:
                 free[m] += t - (0 if actual is None else (t if actual[m] < 0 else min(t, actual[m])))
         return lease.retired and not lease.inflight
 
-    def _retire(self, lease: Lease) -> None:
+    def _retire(self, lease: Lease, ran_out: bool = False) -> None:
         if lease.retired:
             return
         lease.retired = True
         if self._active.get(lease.subjects) is lease:
+            if len(self._demand) >= self.max_keys:
+                self._demand.clear()
+            self._demand[lease.subjects] = _Demand(lease.admitted, ran_out)
             del self._active[lease.subjects]
             nxt = self._next.pop(lease.subjects, None)
             if nxt is not None:

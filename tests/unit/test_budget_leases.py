@@ -210,3 +210,32 @@ async def test_concurrent_maintenance_closes_every_block_once(store):
     after = await rows(led)
     assert after[("tokens", "day")]["spent"] == 15 * 5 and after[("tokens", "day")]["reserved"] == 0
     assert led.leases.holding() == 0
+
+
+async def test_sparse_traffic_stops_leasing_and_busy_traffic_brings_it_back(store):
+    """A block that admitted a single request in its time is not worth its two store calls: the
+    next requests are reserved on their own, until min_requests of them come within seconds."""
+    counting = Counting(store)
+    led = ledger(store, Limits(tokens_per_day=10_000_000), seconds=0.05, min_requests=4)
+    assert (await led.reserve("a", ACME, REQ, ttl=60)).ok and led.leases.opened == 1
+    await asyncio.sleep(0.3)
+    await led.leases.maintain()  # retired by time, having admitted one request (and the one ahead none)
+    calls = counting.calls
+    for i in range(3):
+        assert (await led.reserve(f"s{i}", ACME, REQ, ttl=60)).ok
+    assert counting.calls == calls + 3 and led.leases.local_admissions == 1  # each on its own
+    assert (await led.reserve("s3", ACME, REQ, ttl=60)).ok  # the 4th within 0.05 s: busy again
+    assert (await led.reserve("s4", ACME, REQ, ttl=60)).ok
+    assert led.leases.local_admissions == 2
+
+
+async def test_a_block_that_ran_out_has_its_successor_opened_ahead_of_need(store):
+    led = ledger(store, Limits(tokens_per_day=10_000_000), max_requests=8)
+    for i in range(9):  # the first block (8 requests' worth) runs out on the 9th
+        assert (await led.reserve(f"r{i}", ACME, REQ, ttl=60)).ok
+    await asyncio.sleep(0)  # the background opening runs
+    await asyncio.gather(*led.leases._tasks)
+    assert led.leases.opened >= 3 and ACME_KEY in led.leases._next  # the one after the active one
+
+
+ACME_KEY = tuple(ACME)
