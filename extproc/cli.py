@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from .blas import prefer_fast_kernels
 from .config import ConfigError, load_config
 
 
@@ -217,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    prefer_fast_kernels()  # before anything imports NumPy (the embedder, the workers, Triton)
     if argv[:2] == ["triton", "fill"]:  # its own parser, options first included
         from .trtllm_fill import main as fill_main
 

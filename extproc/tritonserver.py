@@ -49,6 +49,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Sequence
 
+from .blas import openblas_coretype
+
 __all__ = [
     "TritonInstall",
     "TritonProcess",
@@ -56,7 +58,6 @@ __all__ = [
     "free_port",
     "prepare_backend_dir",
     "triton_env",
-    "openblas_coretype",
     "SYS_PATH_ENV",
 ]
 
@@ -184,38 +185,6 @@ def triton_env(extra_sys_path: list[str]) -> dict[str, str]:
         env["OPENBLAS_CORETYPE"] = coretype
     return env
 
-
-def _cpu_flags(cpuinfo: str) -> set[str]:
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def openblas_coretype(env: dict[str, str], cpuinfo: str | None = None) -> str | None:
-    """The OpenBLAS kernel to ask for in the model processes, or None to leave OpenBLAS alone.
-
-    OpenBLAS picks its kernels from the CPU's family and model; on virtual machines that hide them
-    it falls back to ``Prescott`` (SSE3), which ran the reference LLM tiers 2-3x slower than the
-    AVX2 ``Haswell`` kernels on a 2-vCPU Xeon (AVX-512) test machine. So when the environment does
-    not choose (``OPENBLAS_CORETYPE`` unset) and the CPU has AVX2 and FMA, ask for ``Haswell``: the
-    AVX2 kernels any such CPU runs correctly (AVX-512 kernels are not chosen here). An explicit
-    ``OPENBLAS_CORETYPE`` always wins; ``EXTPROC_OPENBLAS_CORETYPE`` names another kernel, or
-    ``auto`` leaves OpenBLAS's own detection alone.
-    """
-    choice = env.get("EXTPROC_OPENBLAS_CORETYPE", "")
-    if env.get("OPENBLAS_CORETYPE") or choice == "auto":
-        return None
-    if choice:
-        return choice
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-                cpuinfo = f.read()
-        except OSError:
-            return None
-    flags = _cpu_flags(cpuinfo)
-    return "Haswell" if {"avx2", "fma"} <= flags else None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
