@@ -214,6 +214,7 @@ class Admission:
     level: int = 0  # its level before this request (spent + reserved)
     requested: int = 0  # what this request asked of it
     retry_after: int = 0  # seconds until its window resets
+    source: str = "store"  # "block": admitted from this worker's leased block, without a store call
 
 
 class BudgetLedger:
@@ -352,7 +353,7 @@ class BudgetLedger:
             if ratio is None:
                 ratio = await leases.open(reservation_id, subjects_t, vector, ttl, now)
             if ratio is not None:
-                return Admission(True, max_ratio=ratio)
+                return Admission(True, max_ratio=ratio, source="block")
         prepared, result = await self._reserve_planned(reservation_id, subjects_t, vector, ttl, now)
         if not result.ok:
             p = prepared.planned[result.failed]

@@ -90,6 +90,9 @@ class GatewayMetrics:
                                         "(ok, soft_limit, rejected).", ["tenant", "status"], registry=r)
         self.budget_rejections = Counter("extproc_budget_rejections_total", "Requests refused by a budget.",
                                          ["tenant", "budget"], registry=r)
+        self.budget_admissions = Counter("extproc_budget_admissions_total", "Budget admissions by where "
+                                         "they were reserved: block (this worker's leased block, no store "
+                                         "call) or store (a store call of their own).", ["source"], registry=r)
         self.routing = Counter("extproc_routing_decisions_total", "Tier choices by tier and reason.",
                                ["tier", "reason"], registry=r)
         self.route_steps = Counter("extproc_route_steps_total", "Routing steps recorded by each plugin "

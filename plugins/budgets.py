@@ -61,6 +61,7 @@ from extproc.budget_ledger import (BudgetLedger, BudgetTables, ledger_from_table
                                    usd_to_units)
 from extproc.decisions import Reply
 from extproc.hookspecs import hookimpl
+from extproc.metrics import get_metrics
 from extproc.openai_format import OpenAIError, Usage
 from extproc.state import MemoryStore, StoreUnavailable
 
@@ -117,6 +118,7 @@ class Budgets:
         self._settling = 0  # settlements taken from the queue and not finished yet
         self._settle_task: asyncio.Task | None = None
         self._lease_task: asyncio.Task | None = None
+        self._admissions = get_metrics().budget_admissions
 
     # start and stop ------------------------------------------------------------------------
     @hookimpl
@@ -197,6 +199,7 @@ class Budgets:
             raise
         if not admission.ok:
             return self._refuse(ctx, admission)
+        self._admissions.labels(admission.source).inc()
         ctx.plugin_state[NAME] = {"subjects": subjects, "open": [rid], "amounts": amounts,
                                   "tier": tier_name, "delivered": [], "settled": False}
         soft = admission.max_ratio >= self.settings.soft_threshold

@@ -9,6 +9,7 @@ import pytest
 
 from extproc.budget_leases import LeaseSettings
 from extproc.budget_ledger import BudgetLedger, Limits, Subject
+from extproc.metrics import get_metrics
 from extproc.state import RedisStore
 from extproc.testing import GatewayHarness
 
@@ -161,6 +162,8 @@ async def test_through_the_gateway_with_redis_spend_equals_usage(redis_url):
     cfg = config_with({"name": "budgets", "settings": {"tenants": {"anonymous": {"tokens_per_day": 10**9}}}})
     cfg = cfg.model_copy(update={"state": cfg.state.model_copy(
         update={"redis_url": redis_url, "key_prefix": f"u{uuid.uuid4().hex[:8]}:"})})
+    counted = get_metrics().budget_admissions.labels("block")
+    before = counted._value.get()
     async with GatewayHarness(config=cfg) as gw:
         plugin = gw.gateway.hooks.pm.get_plugin("budgets")
         assert plugin.ledger.leases is not None  # auto: on with Redis
@@ -168,6 +171,8 @@ async def test_through_the_gateway_with_redis_spend_equals_usage(redis_url):
                                           for _ in range(40)])
         assert all(r.status == 200 and r.headers["x-extproc-budget"] == "ok" for r in results)
         assert plugin.ledger.leases.local_admissions > 0
+        # extproc_budget_admissions_total{source="block"} counts them
+        assert counted._value.get() - before == plugin.ledger.leases.local_admissions
         await plugin.settled()
         spent = (await plugin.ledger.report(Subject("tenant", "anonymous")))["windows"]
         tokens_day = next(r for r in spent if r["metric"] == "tokens" and r["window"] == "day")
