@@ -67,7 +67,8 @@ def gateways(env, stack, make_stack, tmp_path_factory):
     """Gateway one (2 workers, admin API) and gateway two (1 worker), sharing Triton and Redis."""
     work = tmp_path_factory.mktemp("budgets")
     admin_port = free_port()
-    one = make_stack(write_config(work / "one.yaml", admin_port=admin_port), workers=2, share_triton_with=stack)
+    one = make_stack(write_config(work / "one.yaml", admin_port=admin_port), workers=2, share_triton_with=stack,
+                     metrics_port=free_port())
     two = make_stack(write_config(work / "two.yaml", admin_port=None), workers=1, share_triton_with=stack)
     channel = grpc.insecure_channel(f"127.0.0.1:{admin_port}")
     admin = pb_grpc.AdminStub(channel)
@@ -210,6 +211,16 @@ def test_spend_recorded_equals_sum_of_usage(gateways):
     assert rows[("tokens", "day")].spent == tokens_sum and rows[("tokens", "month")].spent == tokens_sum
     assert rows[("usd", "day")].spent == usd_sum
     assert rows[("requests", "day")].spent == 6 and rows[("tokens", "day")].reserved == 0
+    # t-spend has no limit (only tracked windows): its requests were admitted from leased budget
+    # blocks, and spend is still exactly the sum of usage.
+    assert admissions_from_blocks(one) > 0
+
+
+def admissions_from_blocks(gateway) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{gateway.metrics_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith('extproc_budget_admissions_total{source="block"}'))
 
 
 def triton_inferences(stack, model: str = "llm-small") -> int:
