@@ -15,7 +15,10 @@ precision matters:
 
 * a block is at most ``fraction`` of the headroom (limit - spent - reserved, as the last store call
   saw it) of the tightest limited counter of each metric, and at most ``max_requests`` times the
-  request that opens it;
+  request that opens it; it is sized by demand: ``min_requests`` for subjects not seen before,
+  ``max_requests`` after a block ran out (and then the next block is opened ahead of need, so
+  admissions do not wait for the store), twice what the last one admitted otherwise, and none at
+  all for sparse traffic (a block that admitted fewer than two) until it picks up again;
 * no block is opened when it would hold fewer than ``min_requests`` such requests: near a limit, or
   under small limits, every request is reserved on its own, exactly as without leases (a block
   sized before the headroom was measured - the first of a set of subjects in a minute - and refused
@@ -221,7 +224,7 @@ class LeaseBook:
         mono = time.monotonic()
         lease = Lease(lease_id, subjects, minute, prepared, block, list(block), [0] * len(block),
                       list(result.levels), mono + self.settings.seconds, mono + ttl,
-                      hot=demand is None or demand.ran_out)
+                      hot=demand is not None and demand.ran_out)
         metrics = prepared.plan.metrics  # what the next block is sized by: the levels after this one
         self._hints[subjects] = _Hint(minute, prepared, [lvl + block[metrics[i]] for i, lvl in enumerate(result.levels)])
         if len(self._active) >= self.max_keys:
@@ -261,15 +264,19 @@ class LeaseBook:
     def _block(self, hint: _Hint, vector: list[int], demand: _Demand | None) -> list[int] | None:
         """The block to reserve, per metric, or None when it would be too small to be worth it.
 
-        Sized for ``max_requests`` requests like ``vector`` when demand is unknown or the last block
-        ran out, else for twice what the last block admitted; None (reserve each request on its
-        own) when the last block admitted fewer than two, until traffic picks up again.
+        Sized for ``min_requests`` requests like ``vector`` for a set of subjects not seen before,
+        ``max_requests`` when the last block ran out, else twice what the last block admitted; None
+        (reserve each request on its own) when the last block admitted fewer than two, until
+        traffic picks up again.
         """
         s = self.settings
-        requests = s.max_requests
-        if demand is not None and not demand.ran_out:
-            if demand.admitted < 2:
-                return None
+        if demand is None:  # a set of subjects seen for the first time: a small block
+            requests = s.min_requests
+        elif demand.ran_out:
+            requests = s.max_requests
+        elif demand.admitted < 2:
+            return None
+        else:
             requests = max(s.min_requests, min(s.max_requests, 2 * demand.admitted))
         metrics = hint.prepared.plan.metrics
         headroom: dict[int, int] = {}
