@@ -37,7 +37,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .state import StoreUnavailable
 
@@ -53,6 +53,12 @@ class LeaseSettings(BaseModel):
     fraction: float = Field(0.05, gt=0, le=0.5, description="largest share of a limit's headroom in one block")
     min_requests: int = Field(4, ge=2, description="no block smaller than this many requests' worth")
     max_requests: int = Field(64, ge=2, description="no block larger than this many requests' worth")
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "LeaseSettings":
+        if self.min_requests > self.max_requests:
+            raise ValueError(f"min_requests ({self.min_requests}) is larger than max_requests ({self.max_requests})")
+        return self
 
 
 @dataclass(slots=True, eq=False)

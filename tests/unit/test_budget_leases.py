@@ -249,3 +249,14 @@ async def test_a_block_that_ran_out_has_its_successor_opened_ahead_of_need(store
 
 
 ACME_KEY = tuple(ACME)
+
+
+def test_lease_settings_are_validated_naming_the_bad_key():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="min_requests"):
+        LeaseSettings(min_requests=10, max_requests=8)
+    with pytest.raises(ValidationError, match="seconds"):
+        LeaseSettings(seconds=0)
+    with pytest.raises(ValidationError, match="unknown"):
+        LeaseSettings(unknown=1)
