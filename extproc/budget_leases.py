@@ -189,11 +189,7 @@ class LeaseBook:
             the request on its own).
         """
         self._ttl = ttl
-        waiting = self._opening.get(subjects)
-        if waiting is not None:  # another request of this worker is opening one: share it
-            await asyncio.shield(waiting)
-        elif await self._open_block(subjects, vector, ttl, now) is None:
-            return None
+        await self._open_block(subjects, vector, ttl, now)  # (or share the one being opened)
         return self.take(rid, subjects, vector, now)
 
     async def _open_block(self, subjects: tuple, vector: list[int], ttl: float, now: float) -> Lease | None:
@@ -248,13 +244,12 @@ class LeaseBook:
         return lease
 
     def _prefetch(self, lease: Lease, vector: list[int], now: float) -> None:
-        """Open the next block in the background when this one runs low (by amount or by time),
-        so that admissions do not wait for a store call when it runs out."""
+        """Open the next block in the background as soon as this (hot) block is in use or near its
+        end, so that admissions do not wait for a store call when it runs out."""
         if lease.refilling or lease.subjects in self._opening or lease.subjects in self._next or self._ttl is None:
             return
-        low = time.monotonic() >= lease.admit_until - self.settings.seconds / 4 or \
-            any(f < b for b, f in zip(lease.block, lease.free))
-        if not low:
+        in_use = any(f < b for b, f in zip(lease.block, lease.free))
+        if not in_use and time.monotonic() < lease.admit_until - self.settings.seconds / 4:
             return
         lease.refilling = True
         task = asyncio.get_running_loop().create_task(self._refill(lease.subjects, vector, self._ttl, now))

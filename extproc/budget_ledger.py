@@ -387,19 +387,23 @@ class BudgetLedger:
         """Reconcile a reservation to the real amounts (metric -> units; a metric not given keeps
         its reserved amount); once."""
         vector = [int(actual.get(m, -1)) for m in METRICS]
-        if self.leases is not None and self.leases.owns(reservation_id):
-            if self.leases.settle(reservation_id, vector):
-                await self.leases.maintain()  # the block it came from is done: close it now
+        if await self._settled_in_block(reservation_id, vector):
             return True
         return await self.store.commit_metrics(reservation_id, vector)
 
     async def release(self, reservation_id: str) -> bool:
         """Give a reservation back (aborted or failed request); once."""
-        if self.leases is not None and self.leases.owns(reservation_id):
-            if self.leases.settle(reservation_id, None):
-                await self.leases.maintain()
+        if await self._settled_in_block(reservation_id, None):
             return True
         return await self.store.release(reservation_id)
+
+    async def _settled_in_block(self, reservation_id: str, vector: list[int] | None) -> bool:
+        """Settle a request admitted from a leased block (None: released); False if it was not."""
+        if self.leases is None or not self.leases.owns(reservation_id):
+            return False
+        if self.leases.settle(reservation_id, vector):
+            await self.leases.maintain()  # the block it came from is done: close it now
+        return True
 
     # reading ---------------------------------------------------------------------------------
     async def report(self, subject: Subject, now: float | None = None) -> dict:

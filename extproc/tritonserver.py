@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Sequence
 
-from .blas import openblas_coretype
+from .blas import prefer_fast_kernels
 
 __all__ = [
     "TritonInstall",
@@ -180,11 +180,8 @@ def triton_env(extra_sys_path: list[str]) -> dict[str, str]:
             entries.append(p)
     env[SYS_PATH_ENV] = os.pathsep.join(entries)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    coretype = openblas_coretype(env)
-    if coretype:
-        env["OPENBLAS_CORETYPE"] = coretype
+    prefer_fast_kernels(env)
     return env
-
 
 
 def free_port(host: str = "127.0.0.1") -> int:
