@@ -250,10 +250,25 @@ def run_cell(triton: TritonProcess, tier: str, batching: str, streams: int, per_
     return cell
 
 
-def model_only_cpu_per_token(tiers: list[str], steps: int = 40) -> dict[str, float]:
-    """In-process: CPU ms per token of a batch-1 decode step at a 64-token context."""
+def served_blas_threads(triton: TritonProcess) -> dict[str, int]:
+    """The ``reference_llm_blas_threads`` gauge of each served tier (0: unknown)."""
+    import re
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{triton.host}:{triton.metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {m.group(1): int(float(m.group(2)))
+            for m in re.finditer(r'^reference_llm_blas_threads\{model="([^"]+)"\} (\S+)$', text, re.M)}
+
+
+def model_only_cpu_per_token(tiers: list[str], steps: int = 40, blas_threads: int | None = None) -> dict[str, float]:
+    """In-process: CPU ms per token of a batch-1 decode step at a 64-token context, with the
+    served tiers' BLAS thread count (``blas_threads``, default their config's: 1)."""
     import numpy as np
     from reference_llm import Engine
+    from reference_llm.blas_threads import limit_blas_threads
+
+    limit_blas_threads(blas_threads or 1)
 
     out = {}
     for tier in tiers:
@@ -278,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-requests", type=int, default=6)
     ap.add_argument("--batch-on-size", type=int, default=32, help="max_active_sequences when batching is on")
     ap.add_argument("--blas-threads", type=int, default=None,
-                    help="OPENBLAS_NUM_THREADS/OMP_NUM_THREADS for the model processes (default: theirs)")
+                    help="BLAS threads of the model processes (default: their config's blas_threads, 1)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run every cell this many times and keep the fastest (noisy shared machines)")
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
@@ -287,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
 
     blas_env = {}
     if args.blas_threads:
-        blas_env = {k: str(args.blas_threads) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+        blas_env = {"EXTPROC_LLM_BLAS_THREADS": str(args.blas_threads)}
     blas_env.update(kv.split("=", 1) for kv in args.env)
     cells: list[Cell] = []
     with tempfile.TemporaryDirectory(prefix="bench-triton-") as tmp, contextlib.ExitStack() as stack:
@@ -310,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{args.batch_on_size if mode == 'on' else 1}, tritonserver pid {triton.pid}", file=sys.stderr)
             for tier in args.tiers:  # warm-up
                 stream_once(triton.host, triton.http_port, tier, "warm up", 4)
+            print(f"#   BLAS threads per model process: {served_blas_threads(triton)}", file=sys.stderr)
         for tier in args.tiers:
             for c in args.concurrency:
                 for mode, triton in servers.items():
@@ -331,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{c.tok_s:>8.1f} {_percentile(c.ttft, 0.5) * 1e3:>12.1f} {_percentile(c.ttft, 0.99) * 1e3:>12.1f} "
               f"{(c.cpu / c.tokens * 1e3 if c.tokens else float('nan')):>15.3f} {c.errors:>4}")
 
-    model_cpu = model_only_cpu_per_token(args.tiers)
+    model_cpu = model_only_cpu_per_token(args.tiers, blas_threads=args.blas_threads)
     print("\nmodel-only CPU ms/token (in-process decode step, batch 1, 64-token context):")
     for tier, ms in model_cpu.items():
         print(f"  {tier:<11} {ms:8.3f}")

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "triton_models"):  # extproc, and reference_llm for its helpers
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 TIERS = ["llm-small", "llm-medium", "llm-large"]
 

@@ -156,3 +156,20 @@ def test_bad_input_is_an_error_not_a_hang(triton, body):
 def test_unknown_model_is_not_found(triton):
     status, _ = _post(f"{triton.http_url}/v2/models/llm-huge/generate", {"text_input": "x"})
     assert status in (400, 404)
+
+
+@pytest.mark.parametrize("model", TIERS)
+def test_each_tier_computes_with_its_configured_blas_threads(triton, model):
+    """config.pbtxt's ``blas_threads`` (1) is applied in the model's own process, read back from
+    its BLAS library and exported as a gauge (unless this environment overrides it)."""
+    from reference_llm.blas_threads import blas_thread_limit
+
+    expected = blas_thread_limit("1", model)
+    generate(triton, model, text_input="threads", max_tokens=2)  # the gauges flush when idle
+    deadline = time.monotonic() + 10
+    while (value := _metric(triton, "reference_llm_blas_threads", model)) == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if expected is None:  # OPENBLAS_NUM_THREADS & co. set here: the library's choice, whatever it is
+        assert value >= 1
+    else:
+        assert value == expected

@@ -8,10 +8,11 @@ response sender:
   carrying ``finish_reason``, sent with ``TRITONSERVER_RESPONSE_COMPLETE_FINAL``;
 * otherwise exactly one response with the whole text (what Triton's HTTP ``/generate`` needs).
 
-Config ``parameters``: ``tier`` (small|medium|large; default from the model name) and
-``max_active_sequences`` (in-flight batch limit; 1 = batching off).  The environment variables
-``EXTPROC_LLM_MAX_ACTIVE_SEQUENCES`` (all tiers) and
-``EXTPROC_LLM_MAX_ACTIVE_SEQUENCES_<SMALL|MEDIUM|LARGE>`` override the latter at launch.
+Config ``parameters``: ``tier`` (small|medium|large; default from the model name),
+``max_active_sequences`` (in-flight batch limit; 1 = batching off) and ``blas_threads`` (see
+:mod:`.blas_threads`).  The environment variables ``EXTPROC_LLM_MAX_ACTIVE_SEQUENCES`` (all tiers)
+and ``EXTPROC_LLM_MAX_ACTIVE_SEQUENCES_<SMALL|MEDIUM|LARGE>`` override the batch limit at launch,
+``EXTPROC_LLM_BLAS_THREADS(_<TIER>)`` the thread count.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from .blas_threads import blas_thread_limit, limit_blas_threads
 from .engine import DEFAULT_MAX_TOKENS, Engine, Event, GenRequest
 from .tokenizer import EOS_ID
 
@@ -186,6 +188,7 @@ class TritonPythonModel:
             if os.environ.get(env):
                 max_active = int(os.environ[env])
                 break
+        self.blas_threads = self._limit_blas_threads(config, str(tier))
         self.engine = Engine(tier, max_active_sequences=max_active)
         self._out = _SendQueue(self.model_name)
         self.engine.on_idle = self._flush_metrics
@@ -195,8 +198,28 @@ class TritonPythonModel:
         self.engine.start()
         pb_utils.Logger.log_info(
             f"{self.model_name}: reference LLM tier={self.engine.cfg.name} d={self.engine.cfg.d_model} "
-            f"layers={self.engine.cfg.n_layers} max_active_sequences={self.engine.max_active}"
+            f"layers={self.engine.cfg.n_layers} max_active_sequences={self.engine.max_active} "
+            f"blas_threads={self.blas_threads if self.blas_threads is not None else 'unknown'}"
         )
+
+    def _limit_blas_threads(self, config: dict, tier: str) -> int | None:
+        """Apply the ``blas_threads`` setting; returns the BLAS's thread count (None: unknown).
+
+        A bad value fails the model load; a missing ``threadpoolctl`` only warns (the model
+        still serves, with the BLAS library's own thread count), loudly, in Triton's log.
+        """
+        try:
+            wanted = blas_thread_limit(_param(config, "blas_threads"), tier)
+        except ValueError as exc:
+            raise pb_utils.TritonModelException(f"{self.model_name}: {exc}") from None
+        try:
+            return limit_blas_threads(wanted)
+        except ImportError as exc:
+            pb_utils.Logger.log_warn(
+                f"{self.model_name}: blas_threads={wanted} not applied ({exc!r}): "
+                "install threadpoolctl in the model's Python environment"
+            )
+            return None
 
     # -- metrics (Triton /metrics, custom families) -----------------------------------------
     def _init_metrics(self) -> None:
@@ -218,6 +241,8 @@ class TritonPythonModel:
                 "waiting": ("reference_llm_waiting_requests",
                             "Requests accepted but waiting for a free sequence slot", "gauge"),
                 "active": ("reference_llm_active_sequences", "Sequences being generated now", "gauge"),
+                "blas_threads": ("reference_llm_blas_threads",
+                                 "BLAS threads of the model's process (0: unknown)", "gauge"),
                 "t_prefill": ("reference_llm_prefill_seconds_total",
                               "Time spent in forward passes of joining prompts alone (no sequence decoding)", "counter"),
                 "t_decode": ("reference_llm_decode_seconds_total",
@@ -250,6 +275,7 @@ class TritonPythonModel:
         stats = dict(self.engine.stats)
         stats["max_batch"] = self.engine.max_batch_seen
         stats["waiting"], stats["active"] = self.engine.queue_depths()
+        stats["blas_threads"] = self.blas_threads or 0
         for k, v in dict(self.engine.timings).items():
             stats["t_" + k] = v
         for key, (_fam, metric, kind) in self._metrics.items():

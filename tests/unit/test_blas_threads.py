@@ -1,0 +1,56 @@
+"""The reference tiers' BLAS thread setting: which source wins, bad values, and applying it."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+_MODELS = Path(__file__).resolve().parents[2] / "triton_models"
+if str(_MODELS) not in sys.path:
+    sys.path.insert(0, str(_MODELS))
+
+from reference_llm.blas_threads import blas_thread_limit, limit_blas_threads  # noqa: E402
+
+
+def test_config_value_applies_when_the_environment_is_silent():
+    assert blas_thread_limit("1", "llm-large", {}) == 1
+    assert blas_thread_limit("4", "large", {}) == 4
+    assert blas_thread_limit(None, "large", {}) is None  # no parameter: the library's choice
+
+
+@pytest.mark.parametrize("value", ["auto", "AUTO", "0"])
+def test_auto_keeps_the_library_choice(value):
+    assert blas_thread_limit(value, "large", {}) is None
+    assert blas_thread_limit("1", "large", {"EXTPROC_LLM_BLAS_THREADS": value}) is None
+
+
+def test_precedence_tier_variable_then_all_tiers_then_blas_env_then_config():
+    env = {"EXTPROC_LLM_BLAS_THREADS_LARGE": "3", "EXTPROC_LLM_BLAS_THREADS": "2", "OPENBLAS_NUM_THREADS": "5"}
+    assert blas_thread_limit("1", "llm-large", env) == 3
+    assert blas_thread_limit("1", "llm-small", env) == 2          # no SMALL variable
+    env.pop("EXTPROC_LLM_BLAS_THREADS")
+    assert blas_thread_limit("1", "llm-small", env) is None       # OPENBLAS_NUM_THREADS chose
+    assert blas_thread_limit("1", "llm-small", {"OMP_NUM_THREADS": "2"}) is None
+
+
+@pytest.mark.parametrize("value", ["-1", "two", "1.5"])
+def test_bad_values_name_the_setting(value):
+    with pytest.raises(ValueError, match="blas_threads must be a positive number of threads or 'auto'"):
+        blas_thread_limit(value, "large", {})
+    with pytest.raises(ValueError, match="EXTPROC_LLM_BLAS_THREADS_SMALL must be"):
+        blas_thread_limit("1", "small", {"EXTPROC_LLM_BLAS_THREADS_SMALL": value})
+
+
+def test_limit_is_applied_to_numpys_blas_and_read_back():
+    import numpy  # noqa: F401  (loads the BLAS library)
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    before = {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+    assert before, "NumPy's BLAS not found by threadpoolctl"
+    try:
+        assert limit_blas_threads(1) == 1
+        assert limit_blas_threads(None) == 1  # None changes nothing, only reads
+    finally:
+        threadpool_limits(limits=max(before.values()), user_api="blas")
