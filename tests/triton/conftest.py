@@ -12,6 +12,8 @@ for _path in (REPO, REPO / "triton_models"):  # extproc, and reference_llm for i
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
+from tests.conftest import require  # noqa: E402
+
 TIERS = ["llm-small", "llm-medium", "llm-large"]
 
 
@@ -21,8 +23,8 @@ def triton(tmp_path_factory):
         from extproc.tritonserver import TritonProcess, find_tritonserver, free_port
 
         find_tritonserver()
-    except RuntimeError as exc:
-        pytest.skip(f"tritonserver unavailable: {exc}")
+    except (ImportError, RuntimeError) as exc:
+        require(False, f"tritonserver unavailable: {exc}")
     work = tmp_path_factory.mktemp("triton")
     proc = TritonProcess(
         REPO / "triton_models",

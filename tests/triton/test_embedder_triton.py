@@ -17,6 +17,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from extproc.embeddings import MiniLMEncoder, ModelNotFoundError  # noqa: E402
+from tests.conftest import require  # noqa: E402
 
 TEXTS = [
     "How do I reset my password?",
@@ -33,7 +34,7 @@ def encoder():
     try:
         return MiniLMEncoder.from_package()
     except ModelNotFoundError as exc:
-        pytest.skip(str(exc))
+        require(False, str(exc))
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def embedder_triton(tmp_path_factory, encoder):
 
         find_tritonserver()
     except (ImportError, RuntimeError) as exc:
-        pytest.skip(f"tritonserver unavailable: {exc}")
+        require(False, f"tritonserver unavailable: {exc}")
     proc = TritonProcess(
         REPO / "triton_models",
         http_port=free_port(),

@@ -18,7 +18,12 @@ if str(REPO) not in sys.path:
 
 from extproc.trtllm_fill import FillError, PLACEHOLDER_RE, fill_templates, find_placeholders, main  # noqa: E402
 
-model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+from tests.conftest import IN_CI  # noqa: E402
+
+if IN_CI:  # tritonclient comes with the [stack] extra that `make install` installs
+    from tritonclient.grpc import model_config_pb2  # noqa: E402
+else:
+    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
 ModelConfig = model_config_pb2.ModelConfig
 DataType = model_config_pb2.DataType
 
