@@ -102,6 +102,7 @@ class RequestLifecycle:
         self._buffer = bytearray()
         self._translator: triton_format.StreamTranslator | None = None
         self._sse: SSEParser | None = None
+        self._upstream_done = False  # an OpenAI upstream's stream sent [DONE]
         self._chunks = 0
         self._prompt: str | None = None  # the rendered prompt sent to Triton
         self._max_tokens: int | None = None  # the completion limit sent to Triton
@@ -247,7 +248,9 @@ class RequestLifecycle:
                 out += translator.finish()
                 text += translator.last_text
             await self._chunk(text, out)
-            if end_of_stream:
+            # Complete once [DONE] is out, not only at the upstream's end of stream: a client may
+            # close as soon as it reads [DONE], before that last (empty) chunk reaches us.
+            if end_of_stream or translator.done:
                 await self._finish_response(translator.usage, error=translator.error)
             return Continue(body=out)
         if mode == "openai_stream":
@@ -258,6 +261,7 @@ class RequestLifecycle:
             if end_of_stream:
                 for event in self._sse.flush():
                     self._passthrough_event(event.data)
+            if end_of_stream or self._upstream_done:  # as above
                 await self._finish_response(self.ctx.usage)
             return Continue()
         if mode == "pass":
@@ -303,6 +307,8 @@ class RequestLifecycle:
 
     def _passthrough_event(self, data: str) -> None:
         if not data.startswith("{"):
+            if data.strip() == "[DONE]":
+                self._upstream_done = True
             return
         try:
             usage = oai.usage_from_openai(json.loads(data))

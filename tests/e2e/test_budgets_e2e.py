@@ -277,6 +277,46 @@ def test_remaining_budget_exact_after_aborted_streams(gateways):
     assert rows[("requests", "day")].spent == 2
 
 
+def stream_to_done_then_reset(gateway, key: str, content: str) -> int:
+    """Stream a chat completion over a raw socket, read until ``[DONE]``, then reset the connection
+    at once (SO_LINGER 0), before the upstream's end of stream can reach the gateway; returns the
+    total_tokens the stream reported."""
+    import socket
+    import struct
+    from urllib.parse import urlsplit
+
+    url = urlsplit(gateway.base_url)
+    body = json.dumps({"model": "small", "max_tokens": 6, "stream": True, "stream_options": {"include_usage": True},
+                       "messages": [{"role": "user", "content": content}]}).encode()
+    head = (f"POST {url.path}/chat/completions HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: Bearer {key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    sock = socket.create_connection((url.hostname, url.port), timeout=30)
+    try:
+        sock.sendall(head + body)
+        data = b""
+        while b"data: [DONE]" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, data[-500:]
+            data += chunk
+    finally:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    usage = [json.loads(line[6:])["usage"] for line in data.decode().splitlines()
+             if line.startswith("data: {") and '"usage":{' in line]
+    return usage[-1]["total_tokens"]
+
+
+def test_stream_read_to_done_then_reset_is_charged_in_full(gateways):
+    # A client may hang up the moment it reads [DONE] (the OpenAI SDK closes its stream then): the
+    # answer was complete, so it is charged its usage, never released as an aborted stream.
+    one, _, admin = gateways
+    key = new_key(admin, "t-done-reset")
+    used = sum(stream_to_done_then_reset(one, key, f"count to {i}") for i in range(6))
+    rows = settled_spend(admin, "t-done-reset")
+    assert rows[("tokens", "day")].spent == used and rows[("tokens", "day")].reserved == 0
+    assert rows[("requests", "day")].spent == 6
+
+
 # durability -------------------------------------------------------------------------------------
 def test_redis_restart_loses_no_acknowledged_spend(env, stack, make_stack, tmp_path_factory):
     require(shutil.which("redis-server") is not None, "redis-server is not installed")
