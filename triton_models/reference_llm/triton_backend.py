@@ -195,6 +195,7 @@ class TritonPythonModel:
         self.engine.on_busy_step = self._flush_metrics_if_stale
         self.engine.on_error = self._on_engine_error
         self._init_metrics()
+        self._flush_metrics()  # the gauges (blas_threads, queue depths) exist before any traffic
         self.engine.start()
         pb_utils.Logger.log_info(
             f"{self.model_name}: reference LLM tier={self.engine.cfg.name} d={self.engine.cfg.d_model} "
