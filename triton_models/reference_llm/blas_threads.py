@@ -4,8 +4,8 @@ A tier's forward pass is a chain of matrix products, and NumPy's OpenBLAS starts
 core by default.  On a CPU the model shares with Triton's HTTP/gRPC front end, the response
 sender, the gateway and Envoy, a pool per model process oversubscribes the cores: every product
 waits for its slowest thread.  Measured on a 2-vCPU VM (README, "Measured cost and batching
-gain"): the 16-row product of the large tier's MLP took 278 to 1,100 µs with 2 threads depending
-on the machine's state, 420 µs with one, steadily.  So each tier's ``config.pbtxt`` asks for one
+gain"): the 16-row product of the large tier's MLP took 257 to 1,418 µs with 2 threads depending
+on the machine's state, 418-424 µs with one, steadily.  So each tier's ``config.pbtxt`` asks for one
 thread (parameter ``blas_threads``); give it more on a machine with cores to spare.
 
 Precedence, highest first: ``EXTPROC_LLM_BLAS_THREADS_<TIER>``, ``EXTPROC_LLM_BLAS_THREADS``,
