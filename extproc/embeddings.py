@@ -105,6 +105,15 @@ def _gelu(x: np.ndarray) -> np.ndarray:
     return out.reshape(x.shape)
 
 
+def _dense(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``x @ w.T + b`` for ``w`` in torch Linear's ``[out, in]`` layout, computed as ``(w @ x.T).T``.
+
+    OpenBLAS multiplies in that order about twice as fast when ``x`` has few rows (a short text:
+    the semantic cache's and router's case), and no slower with hundreds.
+    """
+    return (w @ x.T).T + b
+
+
 def _layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> np.ndarray:
     mu = x.mean(axis=-1, keepdims=True)
     xc = x - mu
@@ -208,23 +217,21 @@ class MiniLMEncoder:
         for i in range(self.n_layers):
             p = f"encoder.layer.{i}."
             L = _Layer()
-            # torch Linear stores [out, in]; pre-transpose to [in, out] and fuse Q, K, V.
-            L.w_qkv = np.ascontiguousarray(
-                np.concatenate(
-                    [g(p + "attention.self.query.weight"), g(p + "attention.self.key.weight"), g(p + "attention.self.value.weight")],
-                    axis=0,
-                ).T
-            )
+            # torch Linear's [out, in] layout is kept (see _dense); Q, K, V fused into one matrix.
+            L.w_qkv = np.ascontiguousarray(np.concatenate(
+                [g(p + "attention.self.query.weight"), g(p + "attention.self.key.weight"), g(p + "attention.self.value.weight")],
+                axis=0,
+            ))
             L.b_qkv = np.concatenate(
                 [g(p + "attention.self.query.bias"), g(p + "attention.self.key.bias"), g(p + "attention.self.value.bias")]
             )
-            L.w_o = np.ascontiguousarray(g(p + "attention.output.dense.weight").T)
+            L.w_o = g(p + "attention.output.dense.weight")
             L.b_o = g(p + "attention.output.dense.bias")
             L.ln1_g = g(p + "attention.output.LayerNorm.weight")
             L.ln1_b = g(p + "attention.output.LayerNorm.bias")
-            L.w_i = np.ascontiguousarray(g(p + "intermediate.dense.weight").T)
+            L.w_i = g(p + "intermediate.dense.weight")
             L.b_i = g(p + "intermediate.dense.bias")
-            L.w_out = np.ascontiguousarray(g(p + "output.dense.weight").T)
+            L.w_out = g(p + "output.dense.weight")
             L.b_out = g(p + "output.dense.bias")
             L.ln2_g = g(p + "output.LayerNorm.weight")
             L.ln2_b = g(p + "output.LayerNorm.bias")
@@ -297,7 +304,7 @@ class MiniLMEncoder:
             bias = np.where(mask[:, None, None, :] > 0, _F32(0.0), np.finfo(_F32).min).astype(_F32)
 
         for ly in self.layers:
-            qkv = x @ ly.w_qkv + ly.b_qkv  # [B*L, 3H]
+            qkv = _dense(x, ly.w_qkv, ly.b_qkv)  # [B*L, 3H]
             qkv = qkv.reshape(B, L, 3, nh, D).transpose(2, 0, 3, 1, 4)  # [3, B, nh, L, D]
             q, k, v = qkv[0], qkv[1], qkv[2]
             s = (q * self._scale) @ k.transpose(0, 1, 3, 2)  # [B, nh, L, L]
@@ -307,9 +314,9 @@ class MiniLMEncoder:
             np.exp(s, out=s)
             s /= s.sum(axis=-1, keepdims=True)
             ctx = (s @ v).transpose(0, 2, 1, 3).reshape(B * L, H)
-            x = _layer_norm(ctx @ ly.w_o + ly.b_o + x, ly.ln1_g, ly.ln1_b, self.eps)
-            h = _gelu(x @ ly.w_i + ly.b_i)
-            x = _layer_norm(h @ ly.w_out + ly.b_out + x, ly.ln2_g, ly.ln2_b, self.eps)
+            x = _layer_norm(_dense(ctx, ly.w_o, ly.b_o) + x, ly.ln1_g, ly.ln1_b, self.eps)
+            h = _gelu(_dense(x, ly.w_i, ly.b_i))
+            x = _layer_norm(_dense(h, ly.w_out, ly.b_out) + x, ly.ln2_g, ly.ln2_b, self.eps)
         return x.reshape(B, L, H)
 
     def _encode_batch(self, texts: Sequence[str]) -> np.ndarray:
