@@ -54,3 +54,59 @@ def test_limit_is_applied_to_numpys_blas_and_read_back():
         assert limit_blas_threads(None) == 1  # None changes nothing, only reads
     finally:
         threadpool_limits(limits=max(before.values()), user_api="blas")
+
+
+# --- the Triton adapter: a bad value fails the load, a missing threadpoolctl warns -------------
+def _adapter(monkeypatch, warnings: list[str]):
+    """reference_llm.triton_backend imported against a minimal stand-in for Triton's pb_utils."""
+    import importlib
+    import types
+
+    pb = types.ModuleType("triton_python_backend_utils")
+    pb.TritonModelException = type("TritonModelException", (Exception,), {})
+    pb.Logger = types.SimpleNamespace(log_warn=warnings.append, log_info=lambda m: None,
+                                      log_verbose=lambda m: None)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    monkeypatch.delitem(sys.modules, "reference_llm.triton_backend", raising=False)
+    module = importlib.import_module("reference_llm.triton_backend")
+    monkeypatch.setitem(sys.modules, "reference_llm.triton_backend", module)  # removed again after the test
+    model = module.TritonPythonModel.__new__(module.TritonPythonModel)
+    model.model_name = "llm-large"
+    return module, model, pb
+
+
+def _config(value: str) -> dict:
+    return {"parameters": {"blas_threads": {"string_value": value}}}
+
+
+def test_adapter_applies_the_setting(monkeypatch):
+    warnings: list[str] = []
+    module, model, _ = _adapter(monkeypatch, warnings)
+    for key in ("EXTPROC_LLM_BLAS_THREADS", "EXTPROC_LLM_BLAS_THREADS_LARGE", "OPENBLAS_NUM_THREADS",
+                "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(key, raising=False)
+    applied = []
+    monkeypatch.setattr(module, "limit_blas_threads", lambda n: applied.append(n) or n)
+    assert model._limit_blas_threads(_config("1"), "large") == 1 and applied == [1]
+    assert not warnings
+
+
+def test_adapter_bad_value_fails_the_load(monkeypatch):
+    module, model, pb = _adapter(monkeypatch, [])
+    monkeypatch.delenv("EXTPROC_LLM_BLAS_THREADS", raising=False)
+    monkeypatch.delenv("EXTPROC_LLM_BLAS_THREADS_LARGE", raising=False)
+    with pytest.raises(pb.TritonModelException, match="llm-large: blas_threads must be"):
+        model._limit_blas_threads(_config("many"), "large")
+
+
+def test_adapter_without_threadpoolctl_warns_and_serves(monkeypatch):
+    warnings: list[str] = []
+    module, model, _ = _adapter(monkeypatch, warnings)
+    monkeypatch.setenv("EXTPROC_LLM_BLAS_THREADS_LARGE", "1")
+
+    def missing(n):
+        raise ImportError("No module named 'threadpoolctl'")
+
+    monkeypatch.setattr(module, "limit_blas_threads", missing)
+    assert model._limit_blas_threads(_config("1"), "large") is None
+    assert len(warnings) == 1 and "blas_threads=1 not applied" in warnings[0] and "threadpoolctl" in warnings[0]
