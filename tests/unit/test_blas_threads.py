@@ -57,52 +57,50 @@ def test_limit_is_applied_to_numpys_blas_and_read_back():
 
 
 # --- the Triton adapter: a bad value fails the load, a missing threadpoolctl warns -------------
-def _adapter(monkeypatch, warnings: list[str]):
-    """reference_llm.triton_backend imported against a minimal stand-in for Triton's pb_utils."""
+@pytest.fixture
+def adapter(monkeypatch):
+    """reference_llm.triton_backend imported against a minimal stand-in for Triton's pb_utils
+    (and dropped again afterwards); yields (module, model, pb_utils, warnings logged)."""
     import importlib
     import types
 
+    warnings: list[str] = []
     pb = types.ModuleType("triton_python_backend_utils")
     pb.TritonModelException = type("TritonModelException", (Exception,), {})
     pb.Logger = types.SimpleNamespace(log_warn=warnings.append, log_info=lambda m: None,
                                       log_verbose=lambda m: None)
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
-    monkeypatch.delitem(sys.modules, "reference_llm.triton_backend", raising=False)
+    sys.modules.pop("reference_llm.triton_backend", None)
     module = importlib.import_module("reference_llm.triton_backend")
-    monkeypatch.setitem(sys.modules, "reference_llm.triton_backend", module)  # removed again after the test
     model = module.TritonPythonModel.__new__(module.TritonPythonModel)
     model.model_name = "llm-large"
-    return module, model, pb
+    for key in ("EXTPROC_LLM_BLAS_THREADS", "EXTPROC_LLM_BLAS_THREADS_LARGE", "OPENBLAS_NUM_THREADS",
+                "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(key, raising=False)
+    yield module, model, pb, warnings
+    sys.modules.pop("reference_llm.triton_backend", None)
 
 
 def _config(value: str) -> dict:
     return {"parameters": {"blas_threads": {"string_value": value}}}
 
 
-def test_adapter_applies_the_setting(monkeypatch):
-    warnings: list[str] = []
-    module, model, _ = _adapter(monkeypatch, warnings)
-    for key in ("EXTPROC_LLM_BLAS_THREADS", "EXTPROC_LLM_BLAS_THREADS_LARGE", "OPENBLAS_NUM_THREADS",
-                "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        monkeypatch.delenv(key, raising=False)
+def test_adapter_applies_the_setting(adapter, monkeypatch):
+    module, model, _, warnings = adapter
     applied = []
     monkeypatch.setattr(module, "limit_blas_threads", lambda n: applied.append(n) or n)
     assert model._limit_blas_threads(_config("1"), "large") == 1 and applied == [1]
     assert not warnings
 
 
-def test_adapter_bad_value_fails_the_load(monkeypatch):
-    module, model, pb = _adapter(monkeypatch, [])
-    monkeypatch.delenv("EXTPROC_LLM_BLAS_THREADS", raising=False)
-    monkeypatch.delenv("EXTPROC_LLM_BLAS_THREADS_LARGE", raising=False)
+def test_adapter_bad_value_fails_the_load(adapter):
+    _, model, pb, _ = adapter
     with pytest.raises(pb.TritonModelException, match="llm-large: blas_threads must be"):
         model._limit_blas_threads(_config("many"), "large")
 
 
-def test_adapter_without_threadpoolctl_warns_and_serves(monkeypatch):
-    warnings: list[str] = []
-    module, model, _ = _adapter(monkeypatch, warnings)
-    monkeypatch.setenv("EXTPROC_LLM_BLAS_THREADS_LARGE", "1")
+def test_adapter_without_threadpoolctl_warns_and_serves(adapter, monkeypatch):
+    module, model, _, warnings = adapter
 
     def missing(n):
         raise ImportError("No module named 'threadpoolctl'")
