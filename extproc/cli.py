@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -87,6 +88,7 @@ def cmd_up(args) -> int:
         stopping = True
 
     signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGHUP, _stop)  # the terminal went away
     print("starting Triton, the ext_proc service and Envoy ...", flush=True)
     started = time.monotonic()
     stack.start()
@@ -120,10 +122,23 @@ Ctrl-C stops everything.
     except KeyboardInterrupt:
         pass
     finally:
-        print("\nstopping ...", flush=True)
+        # Ctrl-C reaches the whole foreground group: in `make up | tee log` the reader of our
+        # stdout may be gone already, the terminal may close (SIGHUP), a second Ctrl-C may come.
+        # None of them may cut the shutdown short and leave the children running.
+        for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        _say("\nstopping ...")
         stack.stop()
-        print("stopped.", flush=True)
+        _say("stopped.")
     return 0
+
+
+def _say(text: str) -> None:
+    """Print a progress line; if stdout's reader has gone, stay silent from then on."""
+    try:
+        print(text, flush=True)
+    except OSError:  # BrokenPipeError, or the terminal itself gone (EIO)
+        sys.stdout = open(os.devnull, "w")
 
 
 def cmd_report(args) -> int:
