@@ -67,7 +67,7 @@ def cmd_plugins(args) -> int:
 
 def cmd_up(args) -> int:
     """Start Triton (CPU models), the ext_proc service and Envoy; Ctrl-C stops them all."""
-    from .stack import Stack, StackPorts
+    from .stack import PortsInUse, Stack, StackPorts
 
     config_path = Path(args.config).resolve() if args.config else None
     load_config(config_path)  # fail before starting anything
@@ -91,7 +91,12 @@ def cmd_up(args) -> int:
     signal.signal(signal.SIGHUP, _stop)  # the terminal went away
     print("starting Triton, the ext_proc service and Envoy ...", flush=True)
     started = time.monotonic()
-    stack.start()
+    try:
+        stack.start()
+    except PortsInUse as exc:
+        print(f"extproc up: {exc}. Is another `extproc up` running? Stop it, or choose other ports "
+              "(--listen-port, --admin-port, --extproc-port, --triton-port, --metrics-port).", file=sys.stderr)
+        return 2
     p = stack.ports
     print(f"""
 llm-extproc is up ({time.monotonic() - started:.1f}s)

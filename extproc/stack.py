@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -120,6 +121,27 @@ def service_command(config_path: Path | None, port: int, workers: int | None, re
     return cmd
 
 
+class PortsInUse(RuntimeError):
+    """Ports the stack would listen on are taken already (another ``extproc up``, say)."""
+
+
+def ports_in_use(ports: dict[str, int], host: str = "127.0.0.1") -> list[str]:
+    """``"<port> (<what>)"`` for each of ``ports`` that something already listens on.
+
+    The probe sets SO_REUSEADDR as the servers do, so a port whose last connections linger in
+    TIME_WAIT counts as free, and only a live listener counts as taken.
+    """
+    taken = []
+    for what, port in ports.items():
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError:
+                taken.append(f"{port} ({what})")
+    return taken
+
+
 @dataclass
 class StackPorts:
     """Loopback ports of the stack; 0 picks a free one."""
@@ -175,6 +197,7 @@ class Stack:
         self.envoy_yaml = self.envoy_yaml or root / "envoy" / "envoy.yaml"
         self.triton_models = self.triton_models or root / "triton_models"
         self.ports = self.ports.resolved()
+        self._check_ports_free()
         logs = self.work_dir / "logs"
         try:
             if self.with_triton:
@@ -194,6 +217,22 @@ class Stack:
             self.stop()
             raise
         return self
+
+    def _check_ports_free(self) -> None:
+        """Fail before starting anything if a port is taken: otherwise the readiness checks would
+        find the *other* stack's servers ready and report this one up."""
+        p = self.ports
+        wanted = {"Envoy listener": p.listen, "Envoy admin": p.admin}
+        if not self.worker_sockets:
+            wanted["ext_proc service"] = p.extproc
+        if self.metrics_port:
+            wanted["service metrics"] = self.metrics_port
+        if self.with_triton:
+            wanted.update({"Triton HTTP": p.triton_http, "Triton gRPC": p.triton_grpc,
+                           "Triton metrics": p.triton_metrics})
+        taken = ports_in_use(wanted)
+        if taken:
+            raise PortsInUse(f"already in use on 127.0.0.1: {', '.join(taken)}")
 
     def start_service(self) -> None:
         self.service = ManagedProcess(

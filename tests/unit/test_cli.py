@@ -43,6 +43,42 @@ def test_up_worker_sockets_needs_workers(tmp_path):
     assert not (tmp_path / "run").exists()  # nothing was started
 
 
+def test_up_refuses_ports_in_use_before_starting_anything(tmp_path):
+    # A second `extproc up` used to find the first stack's servers ready on the same ports and
+    # print "llm-extproc is up" before its own Envoy failed to bind.
+    import socket
+
+    from tests.ports import free_port_run
+    from extproc.tritonserver import free_port
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        result = run("up", "--listen-port", str(port), "--work-dir", str(tmp_path / "run"),
+                     "--admin-port", str(free_port()), "--extproc-port", str(free_port()),
+                     "--triton-port", str(free_port_run(3)), "--metrics-port", str(free_port()))
+    assert result.returncode == 2
+    assert f"extproc up: already in use on 127.0.0.1: {port} (Envoy listener)." in result.stderr
+    assert "Is another `extproc up` running?" in result.stderr and "--listen-port" in result.stderr
+    assert "is up" not in result.stdout
+    assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_ports_in_use_ignores_free_ports_and_names_taken_ones():
+    import socket
+
+    from extproc.stack import ports_in_use
+    from extproc.tritonserver import free_port
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        taken = listener.getsockname()[1]
+        free = free_port()
+        assert ports_in_use({"a": free, "b": taken}) == [f"{taken} (b)"]
+
+
 def test_serve_worker_sockets_option_reaches_the_config():
     import argparse
 
