@@ -92,11 +92,17 @@ def cmd_up(args) -> int:
     print("starting Triton, the ext_proc service and Envoy ...", flush=True)
     started = time.monotonic()
     try:
-        stack.start()
+        stack.start()  # on any failure it stops what it had started, then raises
     except PortsInUse as exc:
         print(f"extproc up: {exc}. Is another `extproc up` running? Stop it, or choose other ports "
               "(--listen-port, --admin-port, --extproc-port, --triton-port, --metrics-port).", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C while starting: make sure, signals ignored, that all is down
+        _shut_down(stack, "\ninterrupted while starting; stopping ...")
+        return 130
+    except RuntimeError as exc:  # a part failed to start (its log's tail is in the message)
+        print(f"extproc up: {exc}", file=sys.stderr)
+        return 1
     p = stack.ports
     print(f"""
 llm-extproc is up ({time.monotonic() - started:.1f}s)
@@ -127,15 +133,22 @@ Ctrl-C stops everything.
     except KeyboardInterrupt:
         pass
     finally:
-        # Ctrl-C reaches the whole foreground group: in `make up | tee log` the reader of our
-        # stdout may be gone already, the terminal may close (SIGHUP), a second Ctrl-C may come.
-        # None of them may cut the shutdown short and leave the children running.
-        for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_IGN)
-        _say("\nstopping ...")
-        stack.stop()
-        _say("stopped.")
+        _shut_down(stack, "\nstopping ...")
     return 0
+
+
+def _shut_down(stack, message: str) -> None:
+    """Stop the whole stack whatever else happens meanwhile.
+
+    Ctrl-C reaches the whole foreground group: in `make up | tee log` the reader of our stdout
+    may be gone already, the terminal may close (SIGHUP), a second Ctrl-C may come. None of them
+    may cut the shutdown short and leave the children running.
+    """
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    _say(message)
+    stack.stop()
+    _say("stopped.")
 
 
 def _say(text: str) -> None:

@@ -16,15 +16,20 @@ from ..ports import free_port_run
 pytestmark = pytest.mark.e2e
 
 
-def start_up(tmp_path) -> tuple[subprocess.Popen, dict, str]:
-    """`extproc up` on free ports with the small tier only; returns (process, ports, banner)."""
+def launch_up(tmp_path) -> tuple[subprocess.Popen, dict]:
+    """`extproc up` on free ports with the small tier only, stdout piped; returns (process, ports)."""
     ports = {"listen": free_port(), "admin": free_port(), "extproc": free_port(), "metrics": free_port(),
              "triton": free_port_run(3)}  # Triton: HTTP, gRPC and metrics on three consecutive ports
     cmd = [sys.executable, "-m", "extproc", "up", "--work-dir", str(tmp_path), "--listen-port", str(ports["listen"]),
            "--admin-port", str(ports["admin"]), "--extproc-port", str(ports["extproc"]),
            "--triton-port", str(ports["triton"]), "--workers", "1", "--models", "llm-small",
            "--metrics-port", str(ports["metrics"])]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), ports
+
+
+def start_up(tmp_path) -> tuple[subprocess.Popen, dict, str]:
+    """:func:`launch_up`, then its output up to the end of the banner; returns (process, ports, banner)."""
+    proc, ports = launch_up(tmp_path)
     banner = []
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -86,4 +91,22 @@ def test_ctrl_c_stops_everything_when_stdout_is_gone_and_signals_keep_coming(tmp
         proc.send_signal(signal.SIGHUP)
         proc.wait(timeout=60)
     assert proc.returncode == 0
+    assert leftovers(tmp_path, ports) == []
+
+
+def test_ctrl_c_while_starting_stops_what_was_started(tmp_path):
+    proc, ports = launch_up(tmp_path)
+    try:
+        assert "starting Triton" in proc.stdout.readline()
+        time.sleep(0.5)  # Triton is loading its models: it takes seconds
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)  # and again, impatiently
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out
+    assert "interrupted while starting; stopping ..." in out and "stopped." in out
+    assert "Traceback" not in out
     assert leftovers(tmp_path, ports) == []
