@@ -114,7 +114,7 @@ llm-extproc is up ({time.monotonic() - started:.1f}s)
   Triton                      http://127.0.0.1:{p.triton_http}  (metrics :{p.triton_metrics})
   Envoy admin                 http://127.0.0.1:{p.admin}
   metrics (Prometheus)        {f"http://127.0.0.1:{args.metrics_port}/metrics" if args.metrics_port else "off"}
-  state                       {args.redis or 'in memory'}
+  state                       {_state_line(args.redis)}
   logs                        {stack.work_dir / 'logs'}
 
 Try it:
@@ -135,6 +135,20 @@ Ctrl-C stops everything.
     finally:
         _shut_down(stack, "\nstopping ...")
     return 0
+
+
+def _state_line(redis_url: str | None) -> str:
+    """The banner's state line; a Redis that does not answer is said there, not only in the log."""
+    if not redis_url:
+        return "in memory"
+    import redis
+
+    try:
+        redis.Redis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=1).ping()
+    except (redis.RedisError, OSError) as exc:
+        return (f"{redis_url}  (UNREACHABLE: {type(exc).__name__}; the policies that use it degrade "
+                "until it answers, see the service log)")
+    return redis_url
 
 
 def _shut_down(stack, message: str) -> None:

@@ -16,20 +16,21 @@ from ..ports import free_port_run
 pytestmark = pytest.mark.e2e
 
 
-def launch_up(tmp_path) -> tuple[subprocess.Popen, dict]:
-    """`extproc up` on free ports with the small tier only, stdout piped; returns (process, ports)."""
+def launch_up(tmp_path, *extra: str) -> tuple[subprocess.Popen, dict]:
+    """`extproc up` on free ports with the small tier only (and ``extra`` options), stdout piped;
+    returns (process, ports)."""
     ports = {"listen": free_port(), "admin": free_port(), "extproc": free_port(), "metrics": free_port(),
              "triton": free_port_run(3)}  # Triton: HTTP, gRPC and metrics on three consecutive ports
     cmd = [sys.executable, "-m", "extproc", "up", "--work-dir", str(tmp_path), "--listen-port", str(ports["listen"]),
            "--admin-port", str(ports["admin"]), "--extproc-port", str(ports["extproc"]),
            "--triton-port", str(ports["triton"]), "--workers", "1", "--models", "llm-small",
-           "--metrics-port", str(ports["metrics"])]
+           "--metrics-port", str(ports["metrics"]), *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), ports
 
 
-def start_up(tmp_path) -> tuple[subprocess.Popen, dict, str]:
+def start_up(tmp_path, *extra: str) -> tuple[subprocess.Popen, dict, str]:
     """:func:`launch_up`, then its output up to the end of the banner; returns (process, ports, banner)."""
-    proc, ports = launch_up(tmp_path)
+    proc, ports = launch_up(tmp_path, *extra)
     banner = []
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -72,6 +73,21 @@ def test_up_starts_everything_answers_and_stops_cleanly_on_ctrl_c(tmp_path):
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert "stopped." in out
+    assert leftovers(tmp_path, ports) == []
+
+
+def test_banner_says_when_redis_does_not_answer(tmp_path):
+    # A wrong --redis URL leaves the stack running on degraded policies: say so where the user looks.
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    proc, ports, banner = start_up(tmp_path, "--redis", dead)
+    try:
+        assert "llm-extproc is up" in banner, banner
+        assert f"state                       {dead}  (UNREACHABLE: ConnectionError;" in banner
+        ask(ports)  # still serves
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    assert proc.returncode == 0
     assert leftovers(tmp_path, ports) == []
 
 
