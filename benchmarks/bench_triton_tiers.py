@@ -252,13 +252,14 @@ def run_cell(triton: TritonProcess, tier: str, batching: str, streams: int, per_
 
 def served_blas_threads(triton: TritonProcess) -> dict[str, int]:
     """The ``reference_llm_blas_threads`` gauge of each served tier (0: unknown)."""
-    import re
     import urllib.request
 
-    with urllib.request.urlopen(f"http://{triton.host}:{triton.metrics_port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    return {m.group(1): int(float(m.group(2)))
-            for m in re.finditer(r'^reference_llm_blas_threads\{model="([^"]+)"\} (\S+)$', text, re.M)}
+    from extproc.triton_metrics import parse_metrics
+
+    gauge = "reference_llm_blas_threads"
+    with urllib.request.urlopen(triton.metrics_url, timeout=10) as r:
+        loads, _gpu = parse_metrics(r.read().decode(), extra=[gauge])
+    return {model: int(load.extra[gauge]) for model, load in loads.items() if gauge in load.extra}
 
 
 def model_only_cpu_per_token(tiers: list[str], steps: int = 40, blas_threads: int | None = None) -> dict[str, float]:
