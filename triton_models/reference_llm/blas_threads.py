@@ -19,6 +19,8 @@ from __future__ import annotations
 import os
 from typing import Mapping, Optional
 
+from .launch_env import tier_override
+
 ENV = "EXTPROC_LLM_BLAS_THREADS"
 BLAS_LIBRARY_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -46,10 +48,10 @@ def blas_thread_limit(configured: Optional[str], tier: str,
     :raises ValueError: a value that is neither a positive integer nor ``auto``.
     """
     env = os.environ if env is None else env
-    tier_key = tier.lower().removeprefix("llm-").upper()
-    for key in (f"{ENV}_{tier_key}", ENV):
-        if env.get(key):
-            return _parse(env[key], key)
+    override = tier_override(ENV, tier, env)
+    if override is not None:
+        name, value = override
+        return _parse(value, name)
     if any(env.get(k) for k in BLAS_LIBRARY_ENV):
         return None
     return _parse(configured, "blas_threads") if configured else None

@@ -18,7 +18,6 @@ and ``EXTPROC_LLM_MAX_ACTIVE_SEQUENCES_<SMALL|MEDIUM|LARGE>`` override the batch
 from __future__ import annotations
 
 import json
-import os
 import queue
 import threading
 import time
@@ -28,6 +27,7 @@ import triton_python_backend_utils as pb_utils
 
 from .blas_threads import blas_thread_limit, limit_blas_threads
 from .engine import DEFAULT_MAX_TOKENS, Engine, Event, GenRequest
+from .launch_env import tier_override
 from .tokenizer import EOS_ID
 
 #: How stale the custom metrics (the queue gauges above all) may get while the engine is busy.
@@ -183,11 +183,9 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(f"{self.model_name} must be decoupled")
         tier = _param(config, "tier", self.model_name)
         max_active = int(_param(config, "max_active_sequences", "32"))
-        tier_key = str(tier).lower().removeprefix("llm-").upper()
-        for env in (f"EXTPROC_LLM_MAX_ACTIVE_SEQUENCES_{tier_key}", "EXTPROC_LLM_MAX_ACTIVE_SEQUENCES"):
-            if os.environ.get(env):
-                max_active = int(os.environ[env])
-                break
+        override = tier_override("EXTPROC_LLM_MAX_ACTIVE_SEQUENCES", str(tier))
+        if override is not None:
+            max_active = int(override[1])
         self.blas_threads = self._limit_blas_threads(config, str(tier))
         self.engine = Engine(tier, max_active_sequences=max_active)
         self._out = _SendQueue(self.model_name)
