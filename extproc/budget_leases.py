@@ -149,8 +149,9 @@ class LeaseBook:
         if lease is None:
             return None
         if not self._fits(lease, vector, now):
-            timely = lease.minute == int(now // 60) and time.monotonic() < lease.admit_until
-            self._retire(lease, ran_out=timely)  # the block opened ahead, if any, takes its place
+            # it ran out if it is still admitting yet too empty for this request; the block opened
+            # ahead, if any, takes its place
+            self._retire(lease, ran_out=self._timely(lease, now))
             lease = self._active.get(subjects)
             if lease is None or not self._fits(lease, vector, now):
                 if lease is not None:
@@ -168,9 +169,13 @@ class LeaseBook:
         return self._ratio(lease)
 
     @staticmethod
-    def _fits(lease: Lease, vector: list[int], now: float) -> bool:
-        return lease.minute == int(now // 60) and time.monotonic() < lease.admit_until and \
-            all(v <= f for v, f in zip(vector, lease.free))
+    def _timely(lease: Lease, now: float) -> bool:
+        """Still admitting: the minute it was reserved for, within its ``seconds``."""
+        return lease.minute == int(now // 60) and time.monotonic() < lease.admit_until
+
+    @classmethod
+    def _fits(cls, lease: Lease, vector: list[int], now: float) -> bool:
+        return cls._timely(lease, now) and all(v <= f for v, f in zip(vector, lease.free))
 
     @staticmethod
     def _ratio(lease: Lease) -> float:
