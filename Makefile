@@ -9,9 +9,11 @@ STAMP   := $(VENV)/.installed-stamp
 UP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install up test unit e2e bench-hop bench-triton check-config clean
+.PHONY: install up test lint unit e2e bench-hop bench-triton check-config clean
 
 $(STAMP): pyproject.toml examples/extproc-keyword-guard/pyproject.toml tests/plugins/extproc-test-plugins/pyproject.toml
+	# The stack's shared state (extproc up starts its own): Debian's redis-server, when none is on the PATH.
+	command -v redis-server >/dev/null || scripts/ensure-debs.sh redis-server
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e '.[stack,test]'
@@ -27,9 +29,13 @@ install: $(STAMP)
 up: install
 	$(VENV)/bin/extproc up $(UP_ARGS)
 
-## The whole suite: unit tests, real-Triton tests, end-to-end tests through real Envoy.
-test: install
+## The whole suite: the layer contracts, unit tests, real-Triton tests, end-to-end tests through real Envoy.
+test: lint
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+## The import-linter contracts in pyproject.toml: lower layers never import higher ones.
+lint: install
+	$(VENV)/bin/lint-imports
 
 unit: install
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)

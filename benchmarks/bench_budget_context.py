@@ -44,11 +44,11 @@ from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # after PYTHONPATH: another checkout may be measured
 
-from extproc.api_keys import KeyRing  # noqa: E402
-from extproc.config import PluginEntry, load_config  # noqa: E402
-from extproc.context import RequestContext  # noqa: E402
-from extproc.gateway import Gateway  # noqa: E402
-from extproc.openai_format import Usage, parse_request  # noqa: E402
+from extproc_plugins.tenancy.api_keys import KeyRing  # noqa: E402
+from extproc.framework.config import PluginEntry, load_config  # noqa: E402
+from extproc.framework.context import RequestContext  # noqa: E402
+from extproc.framework.gateway import Gateway  # noqa: E402
+from extproc.formats.openai import Usage, parse_request  # noqa: E402
 
 PEPPER = "bench-pepper-0123456789abcdef"
 

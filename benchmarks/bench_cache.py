@@ -39,8 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from extproc.stack import Stack, StackPorts  # noqa: E402
-from extproc.tritonserver import free_port  # noqa: E402
+from extproc.commands.stack import Stack, StackPorts  # noqa: E402
+from extproc.commands.tritonserver import free_port  # noqa: E402
 
 LUA = ROOT / "benchmarks" / "wrk" / "bodies.lua"
 PAIRS = ROOT / "benchmarks" / "data" / "semantic_pairs.jsonl"
@@ -147,8 +147,8 @@ def semantic_bodies(port: int) -> tuple[list[bytes], int, int]:
 
 async def in_process(redis_url: str, rounds: int) -> dict:
     """The policies' own lookup time (ctx.timings_ms), without Envoy and gRPC."""
-    from extproc.config import load_config
-    from extproc.testing import GatewayHarness
+    from extproc.framework.config import load_config
+    from extproc.framework.testing import GatewayHarness
 
     cfg = load_config(None, overrides={
         "plugins": [{"name": "model_tiers"}, {"name": "exact_cache"},

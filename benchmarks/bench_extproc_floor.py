@@ -229,9 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import yaml
 
-    from extproc.envoy_config import envoy_binary, write_envoy_config
-    from extproc.stack import ManagedProcess, grpc_serving, http_ok
-    from extproc.tritonserver import free_port
+    from extproc.commands.envoy_config import envoy_binary, write_envoy_config
+    from extproc.commands.stack import ManagedProcess, grpc_serving, http_ok
+    from extproc.commands.tritonserver import free_port
 
     work = Path(tempfile.mkdtemp(prefix="bench-floor-"))
     uds = work / "noop.sock"

@@ -45,7 +45,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from extproc.envoy_config import envoy_binary, write_envoy_config  # noqa: E402
+from extproc.commands.envoy_config import envoy_binary, write_envoy_config  # noqa: E402
 
 STUB = ROOT / "benchmarks" / "stub_upstream.py"
 WRK_LUA = ROOT / "benchmarks" / "wrk" / "chat.lua"
@@ -231,7 +231,7 @@ def extproc_config(work: Path, workers: int, plugins: list[str]) -> Path:
     tier `passthrough` (alias `stub`); ``plugins`` replaces the plugin list when given."""
     import yaml
 
-    from extproc.config import default_config_text
+    from extproc.framework.config import default_config_text
 
     cfg = yaml.safe_load(default_config_text())
     cfg["server"].update({"host": "127.0.0.1", "workers": workers, "log_level": "warning"})
@@ -263,7 +263,7 @@ def case_b(args, work: Path, stub_port: int) -> Case:
                                   workers=args.extproc_workers, python=sys.executable)
     sockets = None
     if args.extproc_sockets:
-        from extproc.server import worker_socket_paths
+        from extproc.serving.server import worker_socket_paths
 
         cmd += f" --worker-sockets {shlex.quote(str(work / 'sockets'))}"
         sockets = worker_socket_paths(work / "sockets", args.extproc_workers)

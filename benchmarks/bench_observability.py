@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_observability.py [--requests 4000] [--rounds 8] [--in-memory]
 
-Two gateways run the same requests through every ext_proc phase (``extproc.testing.GatewayHarness``,
+Two gateways run the same requests through every ext_proc phase (``extproc.framework.testing.GatewayHarness``,
 a canned Triton answer, no network): *base* loads ``model_tiers`` only; *observed* adds
 ``usage_records`` (file sink in a temp dir, background flush every second) and ``metrics``, last,
 as in the default configuration. Requests are timed one by one, in alternating rounds so load from
@@ -38,8 +38,8 @@ if not args.in_memory:
 
 import yaml  # noqa: E402  (after PROMETHEUS_MULTIPROC_DIR: prometheus_client reads it on import)
 
-from extproc.config import default_config_text, parse_config  # noqa: E402
-from extproc.testing import GatewayHarness  # noqa: E402
+from extproc.framework.config import default_config_text, parse_config  # noqa: E402
+from extproc.framework.testing import GatewayHarness  # noqa: E402
 
 
 def config(observed: bool):

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_routing.py [--requests 320] [--clients 1,16] [--holdout 0.25]
 
-**Quality** (on the held-out part of ``extproc/data/route_labelled.jsonl``, chosen by prompt hash,
+**Quality** (on the held-out part of ``extproc_plugins/routing/data/route_labelled.jsonl``, chosen by prompt hash,
 never seen in training): a router is trained on the rest exactly as ``extproc router train
 --holdout 0.25`` does, then judged on the held-out prompts -- the learned router alone, and the
 whole default chain (rules + semantic routes + learned router) through the real lifecycle.
@@ -11,7 +11,7 @@ tiers.
 
 **Latency** of the request path in one worker (one event loop, like one ``extproc serve``
 worker): the request-headers and request-body phases of the real
-:class:`~extproc.lifecycle.RequestLifecycle`, i.e. what Envoy waits for before it can send the
+:class:`~extproc.framework.lifecycle.RequestLifecycle`, i.e. what Envoy waits for before it can send the
 request upstream, for four chains:
 
 * ``baseline``: ``model_tiers`` only (what routing costs nothing beyond);
@@ -40,10 +40,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from extproc import router_model as rm  # noqa: E402
-from extproc import router_training  # noqa: E402
-from extproc.config import PluginEntry, load_config  # noqa: E402
-from extproc.gateway import Gateway  # noqa: E402
+from extproc_plugins.routing import router_model as rm  # noqa: E402
+from extproc_plugins.routing import router_training  # noqa: E402
+from extproc.framework.config import PluginEntry, load_config  # noqa: E402
+from extproc.framework.gateway import Gateway  # noqa: E402
 
 RULES = [{"name": "free_plan", "when": {"tenants": ["free"]}, "deny": ["large"]},
          {"name": "code", "when": {"patterns": ["```", r"\bdef \w+\(", r"stack ?trace"]}, "tier": "large"},

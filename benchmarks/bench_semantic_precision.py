@@ -6,7 +6,7 @@ Data: ``benchmarks/data/semantic_pairs.jsonl`` (337 pairs: 151 paraphrases, 186 
 another entity, another number, a negation, an opposite word or direction, a neighbouring topic),
 written for this benchmark, and ``semantic_pairs_holdout.jsonl`` (102 pairs written afterwards and
 not used to choose the threshold or the guard's rules). Texts are normalised and embedded exactly
-as the semantic cache does (``extproc.cache_keys.normalize_text``, all-MiniLM-L6-v2).
+as the semantic cache does (``extproc_plugins.caching.cache_keys.normalize_text``, all-MiniLM-L6-v2).
 
 Two ways of asking "would the cache answer b with a's answer?":
 
@@ -37,9 +37,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from extproc.cache_keys import normalize_text  # noqa: E402
-from extproc.embeddings import get_encoder  # noqa: E402
-from extproc.semantic_guard import GuardChecks, compatible  # noqa: E402
+from extproc_plugins.caching.cache_keys import normalize_text  # noqa: E402
+from extproc.embeddings.encoder import get_encoder  # noqa: E402
+from extproc_plugins.caching.semantic_guard import GuardChecks, compatible  # noqa: E402
 
 DATA = ROOT / "benchmarks" / "data"
 OFF = GuardChecks(False, False, False, False, False)

@@ -24,7 +24,7 @@ Every --interval seconds it samples each worker's RSS (VmRSS from /proc/<pid>/st
 Envoy's. It prints the RSS-over-time table, the growth of each worker between the end of the
 warm-up (--warmup) and the end, a least-squares slope over the measured part, requests served
 by kind and status, and what each worker holds (store entries/bytes against their bounds, from
-the workers' own diagnostics: extproc/memdiag.py, $EXTPROC_MEMDIAG_DIR).
+the workers' own diagnostics: extproc/observability/memdiag.py, $EXTPROC_MEMDIAG_DIR).
 
     flock /tmp/bench.lock .venv/bin/python benchmarks/bench_soak_memory.py            # 120 s
     flock /tmp/bench.lock .venv/bin/python benchmarks/bench_soak_memory.py --duration 600 --cache-mib 64
@@ -59,7 +59,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_extproc_hop as hop  # noqa: E402  (processes, Envoy and service start-up, config)
 
-from extproc.memdiag import rss_kib  # noqa: E402
+from extproc.observability.memdiag import rss_kib  # noqa: E402
 
 # kind -> weight (per cent of requests); see the module docstring
 MIX = {
@@ -216,11 +216,12 @@ class Load:
         self.errors: Counter = Counter()
         self.samples_of_errors: dict[str, str] = {}
         self.done = 0
+        self.limit: int | None = None  #: stop once this many requests are answered (--requests)
 
     async def _client(self, i: int, deadline: float) -> None:
         mix = Mix(self.seed * 1000 + i, f"{self.run_id}c{i}", self.weights)
         reader = writer = None
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and (self.limit is None or self.done < self.limit):
             kind, path, body, headers = mix.next()
             try:
                 if kind == "hangup":
@@ -339,6 +340,7 @@ def soak_config(work: Path, args) -> Path:
             settings.update({"path": str(work / "usage" / "usage.jsonl"), "max_file_bytes": 16 * 1024 * 1024,
                              "backups": 1})
         entry["settings"] = settings
+    cfg["server"]["max_streams_per_worker"] = args.max_streams_per_worker
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 
@@ -364,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mix", help="only these kinds, with these weights: e.g. sampled=1 or distinct=3,hangup=1 "
                     "(to find which kind of traffic makes memory grow)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--requests", type=int, help="stop once this many requests are answered (--duration bounds it)")
+    ap.add_argument("--max-streams-per-worker", type=int, default=100_000,
+                    help="server.max_streams_per_worker (the shipped default; 0: workers are never recycled)")
     ap.add_argument("--work-dir", help="logs, configs, diagnostics (default: a temp dir)")
     ap.add_argument("--out", help="write samples and results as JSON here")
     args = ap.parse_args(argv)
@@ -421,14 +426,18 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError(f"expected {args.workers} workers under pid {svc.popen.pid}, found {workers}")
 
         load = Load(listen, args.clients, args.seed, f"r{os.getpid()}", weights)
+        load.limit = args.requests
         samples: list[dict] = []
 
         async def sampler(t0: float) -> None:
             while True:
-                row = {"t": time.monotonic() - t0, "requests": load.done,
-                       "rss": {pid: rss_kib(pid) for pid in workers}, "envoy": rss_kib(envoy.popen.pid)}
+                current = worker_pids(svc.popen.pid)  # recycled workers are replaced by new pids
+                rss = {pid: rss_kib(pid) for pid in current}
+                row = {"t": time.monotonic() - t0, "requests": load.done, "rss": rss, "envoy": rss_kib(envoy.popen.pid),
+                       "worker_max": max((v or 0 for v in rss.values()), default=0),
+                       "worker_mean": sum(v or 0 for v in rss.values()) / max(1, len(rss))}
                 samples.append(row)
-                if row["t"] >= args.duration:
+                if row["t"] >= args.duration or (load.limit is not None and load.done >= load.limit):
                     return
                 await asyncio.sleep(max(0.0, args.interval * len(samples) - (time.monotonic() - t0)))
 
@@ -452,36 +461,44 @@ def main(argv: list[str] | None = None) -> int:
             p.stop()
 
     # ------------------------------------------------------------------ report
-    print(f"\nRSS over time (MiB; VmRSS of each worker and of Envoy); requests = answered by then\n")
-    head = f"{'t (s)':>6} {'requests':>9} " + " ".join(f"{f'worker {pid}':>13}" for pid in workers) + \
-        f" {'envoy':>8}"
+    print(f"\nRSS over time (MiB; VmRSS of the service's workers, largest and mean, and of Envoy); "
+          f"requests = answered by then; pids = workers seen so far (recycling replaces them)\n")
+    head = f"{'t (s)':>6} {'requests':>9} {'pids':>5} {'worker max':>11} {'worker mean':>12} {'envoy':>8}"
     print(head)
     print("-" * len(head))
+    seen: set[int] = set()
     for row in samples:
+        seen |= set(row["rss"])
         mark = " <- end of warm-up" if abs(row["t"] - args.warmup) < args.interval / 2 else ""
-        cells = " ".join(f"{(row['rss'][pid] or 0) / 1024:>13.1f}" for pid in workers)
-        print(f"{row['t']:>6.0f} {row['requests']:>9} {cells} {(row['envoy'] or 0) / 1024:>8.1f}{mark}")
+        print(f"{row['t']:>6.0f} {row['requests']:>9} {len(seen):>5} {row['worker_max'] / 1024:>11.1f} "
+              f"{row['worker_mean'] / 1024:>12.1f} {(row['envoy'] or 0) / 1024:>8.1f}{mark}")
 
     warm = min(samples, key=lambda r: abs(r["t"] - args.warmup))
     last = samples[-1]
     measured = [r for r in samples if r["t"] >= warm["t"]]
     half = measured[len(measured) // 2]
-    print(f"\ngrowth after the warm-up ({warm['t']:.0f} s -> {last['t']:.0f} s):")
-    worst = 0.0
+    peak = max(r["worker_max"] for r in measured)
+    print(f"\ngrowth after the warm-up ({warm['t']:.0f} s, {warm['requests']} requests -> {last['t']:.0f} s, "
+          f"{last['requests']} requests):")
     results = {}
-    for pid in workers:
-        grow = ((last["rss"][pid] or 0) - (warm["rss"][pid] or 0)) / 1024
-        second = ((last["rss"][pid] or 0) - (half["rss"][pid] or 0)) / 1024
-        slope = slope_mib_per_min([(r["t"], r["rss"][pid] or 0) for r in measured])
-        worst = max(worst, grow)
-        lines = diag.get(pid, [])
-        served = lines[-1]["requests"] if lines else None
-        results[pid] = {"growth_mib": grow, "second_half_mib": second, "slope_mib_per_min": slope,
-                        "rss_warm_mib": (warm["rss"][pid] or 0) / 1024, "rss_end_mib": (last["rss"][pid] or 0) / 1024,
-                        "requests": served}
-        print(f"  worker {pid}: {results[pid]['rss_warm_mib']:.1f} -> {results[pid]['rss_end_mib']:.1f} MiB "
-              f"({grow:+.1f} MiB; second half of the measured part {second:+.1f} MiB; slope "
-              f"{slope:+.2f} MiB/min); requests it finished: {served}")
+    for key in ("worker_max", "worker_mean"):
+        grow = (last[key] - warm[key]) / 1024
+        results[key] = {"warm_mib": warm[key] / 1024, "end_mib": last[key] / 1024, "growth_mib": grow,
+                        "growth_pct": 100 * (last[key] - warm[key]) / warm[key] if warm[key] else 0.0,
+                        "second_half_mib": (last[key] - half[key]) / 1024,
+                        "slope_mib_per_min": slope_mib_per_min([(r["t"], r[key]) for r in measured])}
+        r = results[key]
+        print(f"  {key.replace('_', ' ')}: {r['warm_mib']:.1f} -> {r['end_mib']:.1f} MiB ({r['growth_mib']:+.1f} MiB, "
+              f"{r['growth_pct']:+.1f} %; second half {r['second_half_mib']:+.1f} MiB; slope "
+              f"{r['slope_mib_per_min']:+.2f} MiB/min)")
+    results["peak_worker_mib"] = peak / 1024
+    results["peak_growth_pct"] = 100 * (peak - warm["worker_max"]) / warm["worker_max"] if warm["worker_max"] else 0.0
+    results["worker_pids_seen"] = len(seen)
+    print(f"  largest worker at any sample after the warm-up: {peak / 1024:.1f} MiB "
+          f"({results['peak_growth_pct']:+.1f} % over the largest at the warm-up); {len(seen)} worker pids seen "
+          f"({len(seen) - args.workers} replacements)")
+    worst = max(results["worker_max"]["growth_mib"], (peak - warm["worker_max"]) / 1024)
+    workers = sorted(last["rss"])
     egrow = ((last["envoy"] or 0) - (warm["envoy"] or 0)) / 1024
     print(f"  envoy: {(warm['envoy'] or 0) / 1024:.1f} -> {(last['envoy'] or 0) / 1024:.1f} MiB ({egrow:+.1f} MiB)")
 
@@ -498,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     for what, body in list(load.samples_of_errors.items())[:8]:
         print(f"  non-OpenAI error body ({what}): {body}")
 
-    print("\nwhat each worker holds (its own diagnostics, extproc/memdiag.py): end of warm-up -> end")
+    print("\nwhat each worker holds (its own diagnostics, extproc/observability/memdiag.py): end of warm-up -> end")
     for pid in workers:
         lines = diag.get(pid, [])
         a, b = at(lines, args.warmup + 5), (lines[-1] if lines else None)

@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "triton_models"))
 
-from extproc.tritonserver import TritonProcess, free_port  # noqa: E402
+from extproc.commands.tritonserver import TritonProcess, free_port  # noqa: E402
 
 TIERS = ["llm-small", "llm-medium", "llm-large"]
 PROMPTS = [
@@ -254,7 +254,7 @@ def served_blas_threads(triton: TritonProcess) -> dict[str, int]:
     """The ``reference_llm_blas_threads`` gauge of each served tier (0: unknown)."""
     import urllib.request
 
-    from extproc.triton_metrics import parse_metrics
+    from extproc.observability.triton_metrics import parse_metrics
 
     gauge = "reference_llm_blas_threads"
     with urllib.request.urlopen(triton.metrics_url, timeout=10) as r:

@@ -12,7 +12,7 @@ WORKDIR /src
 # README* is optional (pyproject names README.md); the glob keeps COPY from failing without it.
 COPY pyproject.toml README* ./
 COPY extproc ./extproc
-COPY plugins ./plugins
+COPY extproc_plugins ./extproc_plugins
 RUN python -m pip wheel --wheel-dir /wheels .
 
 FROM python:3.11-slim

@@ -5,10 +5,10 @@ Plugin authors need only a few names, re-exported here::
     from extproc import hookimpl, Reply, OpenAIError, TierChoice
 """
 
-from .context import RequestContext, ResponseChunk, TierChoice, UpstreamRequest
-from .decisions import Continue, Reply
-from .hookspecs import hookimpl
-from .openai_format import OpenAIError
+from extproc.framework.context import RequestContext, ResponseChunk, TierChoice, UpstreamRequest
+from extproc.wire.decisions import Continue, Reply
+from extproc.framework.hookspecs import hookimpl
+from extproc.formats.openai import OpenAIError
 
 __all__ = [
     "Continue", "OpenAIError", "Reply", "RequestContext", "ResponseChunk", "TierChoice",

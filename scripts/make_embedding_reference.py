@@ -2,7 +2,7 @@
 """Write tests/data/embedding_reference.json: all-MiniLM-L6-v2 vectors from the real sentence-transformers.
 
 Run it in a throwaway venv that has torch (CPU) and sentence-transformers, never in the project
-venv (the project stays torch-free; extproc.embeddings is pure NumPy):
+venv (the project stays torch-free; extproc.embeddings.encoder is pure NumPy):
 
     python3 -m venv /tmp/refvenv
     /tmp/refvenv/bin/pip install torch==2.13.0          # the CPU build

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from extproc.stack import ManagedProcess, Stack, StackPorts, http_ok
+from extproc.commands.stack import ManagedProcess, Stack, StackPorts, http_ok
 
 from ..conftest import ROOT, STUB_UPSTREAM_KEY, free_port, require  # noqa: F401 (re-exported)
 
@@ -34,10 +34,53 @@ def stub_upstream(tmp_path_factory):
     stub.stop()
 
 
+#: Every stack the session started (their Envoys health-check the Triton they share).
+STACKS: list[Stack] = []
+
+
+def model_requests(triton_http_port: int, model: str = "llm-small") -> int:
+    """The requests ``model`` has served, health checks left out.
+
+    Envoy health-checks each tier with a one-token generation of its model, which Triton counts
+    as an inference like any other: this is Triton's inference count minus the health checks
+    every running Envoy of the session sent to that model, once both have settled (Triton may
+    count a decoupled model's request a moment after the client got its last byte).
+    """
+    import json
+    import time
+    import urllib.request
+
+    cluster = f"tier_{model.removeprefix('llm-')}"
+
+    def once() -> int:
+        url = f"http://127.0.0.1:{triton_http_port}/v2/models/{model}/stats"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            count = sum(int(m.get("inference_count", 0)) for m in json.loads(r.read())["model_stats"])
+        for stack in STACKS:
+            if stack.ports.triton_http != triton_http_port or stack.envoy is None or not stack.envoy.alive():
+                continue
+            url = f"http://127.0.0.1:{stack.ports.admin}/stats?filter=^cluster.{cluster}.health_check.success$"
+            with urllib.request.urlopen(url, timeout=5) as r:
+                for line in r.read().decode().splitlines():
+                    if line.startswith(f"cluster.{cluster}.health_check.success:"):
+                        count -= int(line.rsplit(":", 1)[1])
+        return count
+
+    last = once()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        time.sleep(0.15)
+        now = once()
+        if now == last:
+            return now
+        last = now
+    return last
+
+
 @pytest.fixture(scope="session")
 def make_stack(tmp_path_factory, redis_url, stub_upstream):
     """Start a whole stack with a given gateway config; stopped at session end."""
-    started: list[Stack] = []
+    started = STACKS
 
     def make(config_path: Path, *, workers: int = 2, redis: bool = True,
              models: tuple[str, ...] = ("llm-small", "llm-medium", "llm-large"),

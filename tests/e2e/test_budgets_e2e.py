@@ -22,11 +22,14 @@ import openai
 import pytest
 import yaml
 
-from extproc import tokens
-from extproc.admin.v1 import admin_pb2 as pb
-from extproc.admin.v1 import admin_pb2_grpc as pb_grpc
+from extproc.formats import tokens
+from extproc.formats.chat_templates import render
+from extproc.formats.openai import ChatMessage
+from extproc_plugins.admin.v1 import admin_pb2 as pb
+from extproc_plugins.admin.v1 import admin_pb2_grpc as pb_grpc
 
 from ..conftest import ROOT, free_port, require
+from .conftest import model_requests
 from ..redis_server import RedisServer
 
 pytestmark = pytest.mark.e2e
@@ -224,10 +227,7 @@ def admissions_from_blocks(gateway) -> float:
 
 
 def triton_inferences(stack, model: str = "llm-small") -> int:
-    url = f"http://127.0.0.1:{stack.ports.triton_http}/v2/models/{model}/stats"
-    with urllib.request.urlopen(url, timeout=5) as r:
-        stats = json.loads(r.read())
-    return sum(int(m.get("inference_count", 0)) for m in stats["model_stats"])
+    return model_requests(stack.ports.triton_http, model)
 
 
 def test_200_concurrent_requests_from_two_gateways_admit_50(gateways, stack):
@@ -256,6 +256,36 @@ def test_200_concurrent_requests_from_two_gateways_admit_50(gateways, stack):
     assert rows[("requests", "day")].spent == 50 and rows[("requests", "day")].remaining == 0
 
 
+@pytest.mark.parametrize("tenant, metric, limit", [("t-conc-tokens", "tokens", 3000),
+                                                   ("t-conc-usd", "usd", 200_000)])  # nano-USD: $0.0002
+def test_200_concurrent_requests_from_two_gateways_never_overspend(gateways, tenant, metric, limit):
+    # The worst case of each request is reserved before it goes upstream (its prompt as Triton
+    # counts it, chat template included, + max_tokens): whatever the race, spend <= limit.
+    one, two, admin = gateways
+    key = new_key(admin, tenant)
+
+    def call(i: int):
+        s = one if i % 2 else two
+        r = httpx.post(f"{s.base_url}/chat/completions", headers={"authorization": f"Bearer {key}"},
+                       json={"model": "small", "max_tokens": 16,
+                             "messages": [{"role": "user", "content": f"Hello, how are you today? {i}"}]},
+                       timeout=60)
+        return r.status_code, r.json()
+
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(call, range(200)))
+    statuses = [s for s, _ in results]
+    assert set(statuses) <= {200, 429}, statuses
+    answered = [body for status, body in results if status == 200]
+    rows = settled_spend(admin, tenant)
+    used = sum(b["usage"]["total_tokens"] for b in answered) if metric == "tokens" else \
+        sum(cost_nano("small", openai.types.CompletionUsage(**b["usage"])) for b in answered)
+    row = rows[(metric, "day")]
+    assert 0 < len(answered) < 200 and row.reserved == 0
+    assert row.spent == used  # spend is exactly the usage of the answered requests
+    assert row.spent <= limit, (row.spent, limit, len(answered))
+
+
 def test_remaining_budget_exact_after_aborted_streams(gateways):
     one, _, admin = gateways
     key = new_key(admin, "t-abort")
@@ -264,17 +294,22 @@ def test_remaining_budget_exact_after_aborted_streams(gateways):
     for i in range(2):
         completed += c.chat.completions.create(model="small", max_tokens=4,
                                                messages=[{"role": "user", "content": f"ok {i}"}]).usage.total_tokens
+    prompts = 0
     for i in range(5):
         # Long enough (~1 s on the large CPU tier) that the hang-up always lands mid-stream.
-        stream = c.chat.completions.create(model="large", max_tokens=300, stream=True,
-                                           messages=[{"role": "user", "content": f"write a long story {i}"}])
+        messages = [{"role": "user", "content": f"write a long story {i}"}]
+        stream = c.chat.completions.create(model="large", max_tokens=300, stream=True, messages=messages)
         next(iter(stream))
         stream.close()  # the client hangs up mid-stream
+        prompts += tokens.count_text(render("chatml", [ChatMessage(role="user", content=messages[0]["content"])]))
     rows = settled_spend(admin, "t-abort")
     row = rows[("tokens", "day")]
-    assert row.reserved == 0 and row.spent == completed
-    assert row.remaining == 100_000 - completed
-    assert rows[("requests", "day")].spent == 2
+    # Each abandoned stream is charged its prompt and what it had been sent (on_abort:
+    # charge_delivered, the default): at least one token each, at most the 64 context_caps allows.
+    assert row.reserved == 0
+    assert completed + prompts + 5 <= row.spent <= completed + prompts + 5 * 64
+    assert row.remaining == 100_000 - row.spent
+    assert rows[("requests", "day")].spent == 7  # hanging up does not dodge the request count
 
 
 def stream_to_done_then_reset(gateway, key: str, content: str) -> int:
@@ -328,9 +363,9 @@ def test_redis_restart_loses_no_acknowledged_spend(env, stack, make_stack, tmp_p
                         redis=False, share_triton_with=stack)
         import asyncio
 
-        from extproc.api_keys import KeyRing
-        from extproc.budget_ledger import BudgetLedger, Subject
-        from extproc.state import RedisStore
+        from extproc_plugins.tenancy.api_keys import KeyRing
+        from extproc_plugins.budgets.ledger import BudgetLedger, Subject
+        from extproc.state.redis_store import RedisStore
 
         async def make_key():
             store = RedisStore(redis.url, prefix="e2e-budgets:")

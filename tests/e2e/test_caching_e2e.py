@@ -23,9 +23,10 @@ import openai
 import pytest
 import yaml
 
-from extproc.api_keys import hash_key
+from extproc_plugins.tenancy.api_keys import hash_key
 
 from ..conftest import ROOT, free_port, require
+from .conftest import model_requests
 from ..redis_server import RedisServer
 
 pytestmark = pytest.mark.e2e
@@ -79,24 +80,9 @@ def client(gateway, tenant: str = "A") -> openai.OpenAI:
     return openai.OpenAI(base_url=gateway.base_url, api_key=KEYS[tenant], max_retries=0, timeout=60)
 
 
-def _inference_count(gateway, model: str) -> int:
-    url = f"http://127.0.0.1:{gateway.ports.triton_http}/v2/models/{model}/stats"
-    with urllib.request.urlopen(url, timeout=5) as r:
-        return json.loads(r.read())["model_stats"][0]["inference_count"]
-
-
 def inferences(gateway, model: str = "llm-small") -> int:
-    """Triton's inference count for ``model``, once settled: Triton may count a decoupled model's
-    request a moment after the client got its last byte, so read until two reads 0.15 s apart agree."""
-    last = _inference_count(gateway, model)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        time.sleep(0.15)
-        now = _inference_count(gateway, model)
-        if now == last:
-            return now
-        last = now
-    return last
+    """The requests Triton's ``model`` served (health checks left out), once settled."""
+    return model_requests(gateway.ports.triton_http, model)
 
 
 def ask(c: openai.OpenAI, content: str, *, system: str | None = None, model: str = "small", headers=None, **kw):

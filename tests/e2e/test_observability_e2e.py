@@ -22,7 +22,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from extproc.usage import read_redis
+from extproc.observability.usage import read_redis
 
 from ..conftest import ROOT, free_port, require
 

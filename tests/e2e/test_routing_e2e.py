@@ -26,8 +26,8 @@ import openai
 import pytest
 import yaml
 
-from extproc.cli import main as extproc_main
-from extproc.stack import ManagedProcess, Stack, StackPorts, http_ok
+from extproc.commands.cli import main as extproc_main
+from extproc.commands.stack import ManagedProcess, Stack, StackPorts, http_ok
 
 from ..conftest import free_port, require
 
@@ -263,7 +263,7 @@ class DeadLargeStack(Stack):
     dead_port: int = 0
 
     def start_envoy(self) -> None:
-        from extproc.envoy_config import dump_config, envoy_binary, load_config, render_config_dict
+        from extproc.commands.envoy_config import dump_config, envoy_binary, load_config, render_config_dict
 
         config = render_config_dict(
             load_config(self.envoy_yaml), listen_port=self.ports.listen, admin_port=self.ports.admin,

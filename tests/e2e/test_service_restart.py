@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from extproc.stack import grpc_serving
+from extproc.commands.stack import grpc_serving
 
 pytestmark = pytest.mark.e2e
 

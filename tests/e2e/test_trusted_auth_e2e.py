@@ -17,7 +17,7 @@ import openai
 import pytest
 import yaml
 
-from extproc.envoy_config import dump_config, htpasswd_sha, load_config, trusted_auth_config_dict
+from extproc.commands.envoy_config import dump_config, htpasswd_sha, load_config, trusted_auth_config_dict
 
 from ..conftest import ROOT
 

@@ -20,7 +20,7 @@ TIERS = ["llm-small", "llm-medium", "llm-large"]
 @pytest.fixture(scope="session")
 def triton(tmp_path_factory):
     try:
-        from extproc.tritonserver import TritonProcess, find_tritonserver, free_port
+        from extproc.commands.tritonserver import TritonProcess, find_tritonserver, free_port
 
         find_tritonserver()
     except (ImportError, RuntimeError) as exc:

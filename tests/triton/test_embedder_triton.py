@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from extproc.embeddings import MiniLMEncoder, ModelNotFoundError  # noqa: E402
+from extproc.embeddings.encoder import MiniLMEncoder, ModelNotFoundError  # noqa: E402
 from tests.conftest import require  # noqa: E402
 
 TEXTS = [
@@ -40,7 +40,7 @@ def encoder():
 @pytest.fixture(scope="module")
 def embedder_triton(tmp_path_factory, encoder):
     try:
-        from extproc.tritonserver import TritonProcess, find_tritonserver, free_port
+        from extproc.commands.tritonserver import TritonProcess, find_tritonserver, free_port
 
         find_tritonserver()
     except (ImportError, RuntimeError) as exc:
@@ -108,7 +108,7 @@ def test_concurrent_requests_are_batched_and_correct(embedder_triton, encoder):
     # The dynamic batcher merged some of them (executions < requests), as the metrics show.
     import asyncio
 
-    from extproc.triton_metrics import TritonMetricsClient
+    from extproc.observability.triton_metrics import TritonMetricsClient
 
     loads = asyncio.run(TritonMetricsClient(embedder_triton.metrics_url, max_age=0).snapshot())
     emb = loads["embedder"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from extproc.config import PluginEntry, load_config
+from extproc.framework.config import PluginEntry, load_config
 
 PEPPER = "unit-test-pepper-0123456789abcdef"
 

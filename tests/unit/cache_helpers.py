@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import uuid
 
-from extproc.config import load_config
-from extproc.testing import GatewayHarness
+from extproc.framework.config import load_config
+from extproc.framework.testing import GatewayHarness
 
 
 def config(redis_url: str | None = None, prefix: str | None = None, plugins=None):
@@ -57,7 +57,7 @@ class UpstreamCounter:
 class TenantFromHeader:
     """Test-only: the tenant named by the ``x-test-tenant`` header (the tenancy policy's job in production)."""
 
-    from extproc.hookspecs import hookimpl
+    from extproc.framework.hookspecs import hookimpl
 
     @hookimpl
     def extproc_request_headers(self, ctx):

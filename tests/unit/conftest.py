@@ -6,7 +6,8 @@ import uuid
 
 import pytest
 
-from extproc.state import MemoryStore, RedisStore
+from extproc.state.memory import MemoryStore
+from extproc.state.redis_store import RedisStore
 
 
 @pytest.fixture(params=["memory", "redis"])

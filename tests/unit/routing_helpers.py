@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from extproc import hookimpl
-from extproc.config import PluginEntry, load_config
+from extproc.framework.config import PluginEntry, load_config
 
 
 def config_with(*entries: tuple[str, dict] | str, tiers_update: dict | None = None):

@@ -10,9 +10,9 @@ import asyncio
 
 import pytest
 
-from extproc.config import PluginEntry, load_config
-from extproc.testing import GatewayHarness
-from extproc.triton_metrics import parse_metrics, parse_selector
+from extproc.framework.config import PluginEntry, load_config
+from extproc.framework.testing import GatewayHarness
+from extproc.observability.triton_metrics import parse_metrics, parse_selector
 
 from .routing_helpers import RequestFacts, config_with
 

@@ -11,16 +11,16 @@ import sys
 import grpc
 import pytest
 
-from extproc.admin.v1 import admin_pb2 as pb
-from extproc.admin.v1 import admin_pb2_grpc as pb_grpc
-from extproc.cli import main as cli_main
-from extproc.testing import GatewayHarness
+from extproc_plugins.admin.v1 import admin_pb2 as pb
+from extproc_plugins.admin.v1 import admin_pb2_grpc as pb_grpc
+from extproc.commands.cli import main as cli_main
+from extproc.framework.testing import GatewayHarness
 
 from ..conftest import ROOT
 from .budget_helpers import PEPPER, config_with
 
 TOKEN = "admin-token-0123456789"
-GENERATED = ROOT / "extproc" / "admin" / "v1"
+GENERATED = ROOT / "extproc_plugins" / "admin" / "v1"
 # Lines that name the generator's own version: they change with grpcio-tools, not with the proto.
 _VERSION_LINE = re.compile(r"(Protobuf Python Version|GRPC_GENERATED_VERSION|^\s+\d+,$|_runtime_version\.Domain)")
 
@@ -32,13 +32,13 @@ def _normalised(text: str) -> list[str]:
 def test_generated_code_is_fresh(tmp_path):
     """Regenerate from proto/ into a temp dir with grpcio-tools and compare with the committed code."""
     subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{ROOT / 'proto'}", f"--python_out={tmp_path}",
-                    f"--grpc_python_out={tmp_path}", str(ROOT / "proto/extproc/admin/v1/admin.proto")],
+                    f"--grpc_python_out={tmp_path}", str(ROOT / "proto/extproc_plugins/admin/v1/admin.proto")],
                    check=True, cwd=ROOT)
     for name in ("admin_pb2.py", "admin_pb2_grpc.py"):
-        fresh = (tmp_path / "extproc/admin/v1" / name).read_text()
+        fresh = (tmp_path / "extproc_plugins/admin/v1" / name).read_text()
         committed = (GENERATED / name).read_text()
         assert _normalised(fresh) == _normalised(committed), (
-            f"extproc/admin/v1/{name} is stale: regenerate it (see extproc/admin/__init__.py)")
+            f"extproc_plugins/admin/v1/{name} is stale: regenerate it (see extproc_plugins/admin/__init__.py)")
 
 
 @pytest.fixture
@@ -154,7 +154,7 @@ async def test_cli_against_the_server(env, capsys):
 
 
 def test_cli_hash_key(env, capsys):
-    from extproc.api_keys import hash_key
+    from extproc_plugins.tenancy.api_keys import hash_key
 
     assert cli_main(["admin", "hash-key", "sk-ext-abc"]) == 0
     assert capsys.readouterr().out.strip() == hash_key(PEPPER.encode(), "sk-ext-abc")
@@ -180,7 +180,26 @@ async def test_no_token_fails_start_up(env, monkeypatch):
 
 
 def test_cli_limit_flags_match_the_ledger():
-    from extproc.admin.cli import LIMIT_FIELDS as CLI_FIELDS
-    from extproc.budget_ledger import LIMIT_FIELDS
+    from extproc.commands.admin import LIMIT_FIELDS as CLI_FIELDS
+    from extproc_plugins.budgets.ledger import LIMIT_FIELDS
 
     assert CLI_FIELDS == LIMIT_FIELDS == tuple(pb.Limits.DESCRIPTOR.fields_by_name)
+
+
+def test_the_cli_prints_budget_amounts_with_their_units():
+    """`extproc admin budget` used to print usd in unlabelled nano-dollars, as strings."""
+    from extproc.commands.admin import readable_budget
+
+    info = {"subject": {"scope": "TENANT", "id": "acme"}, "limits": {"usd_per_day": 2.5, "tokens_per_day": "1000"},
+            "windows": [
+                {"metric": "usd", "window": "day", "window_start": 1796515200.0, "window_end": 1796601600.0,
+                 "spent": "1250000000", "reserved": "30000", "limit": "2500000000", "remaining": "1249970000"},
+                {"metric": "tokens", "window": "day", "spent": "120", "reserved": "0", "limit": "1000",
+                 "remaining": "880"}]}
+    out = readable_budget(info)
+    usd, tokens = out["windows"]
+    assert usd["unit"] == "USD" and usd["spent"] == 1.25 and usd["reserved"] == 0.00003 and usd["limit"] == 2.5
+    assert usd["window_start"] == "2026-12-06T00:00:00+00:00"
+    assert tokens == {"metric": "tokens", "window": "day", "spent": 120, "reserved": 0, "limit": 1000,
+                      "remaining": 880, "unit": "tokens"}
+    assert out["limits"] == info["limits"] and out["subject"] == info["subject"]

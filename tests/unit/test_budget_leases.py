@@ -7,11 +7,12 @@ import uuid
 
 import pytest
 
-from extproc.budget_leases import LeaseSettings
-from extproc.budget_ledger import BudgetLedger, Limits, Subject
-from extproc.metrics import get_metrics
-from extproc.state import RedisStore
-from extproc.testing import GatewayHarness
+from extproc_plugins.budgets.reservations import reservations_for
+from extproc_plugins.budgets.leases import LeaseSettings
+from extproc_plugins.budgets.ledger import BudgetLedger, Limits, Subject
+from extproc.observability.metrics import get_metrics
+from extproc.state.redis_store import RedisStore
+from extproc.framework.testing import GatewayHarness
 
 from .budget_helpers import config_with
 
@@ -25,13 +26,13 @@ class Counting:
     def __init__(self, store):
         self.store = store
         self.calls = 0
-        original = store.reserve_plan
+        original = reservations_for(store).reserve_plan
 
         async def reserve_plan(*args, **kwargs):
             self.calls += 1
             return await original(*args, **kwargs)
 
-        store.reserve_plan = reserve_plan
+        reservations_for(store).reserve_plan = reserve_plan
 
 
 def ledger(store, limits: Limits, **lease) -> BudgetLedger:
@@ -187,7 +188,7 @@ async def test_through_the_gateway_with_redis_spend_equals_usage(redis_url):
 
 async def test_a_block_whose_opening_was_cancelled_is_given_back(store):
     led = ledger(store, Limits(tokens_per_day=10_000_000))
-    original = store.reserve_plan
+    original = reservations_for(store).reserve_plan
     reached = asyncio.Event()
 
     async def slow_reserve(*args, **kwargs):
@@ -196,14 +197,14 @@ async def test_a_block_whose_opening_was_cancelled_is_given_back(store):
         await asyncio.sleep(10)  # ...and the caller goes away before hearing of it
         return result
 
-    store.reserve_plan = slow_reserve
+    reservations_for(store).reserve_plan = slow_reserve
     task = asyncio.create_task(led.reserve("r0", ACME, REQ, ttl=60))
     await reached.wait()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert (await rows(led))[("tokens", "day")]["reserved"] > 0
-    store.reserve_plan = original
+    reservations_for(store).reserve_plan = original
     await led.leases.maintain()
     assert (await rows(led))[("tokens", "day")]["reserved"] == 0
 

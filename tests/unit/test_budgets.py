@@ -9,9 +9,11 @@ import uuid
 
 import pytest
 
-from extproc.budget_ledger import BudgetLedger, Limits, Subject, window_bounds
-from extproc.state import MemoryStore, StoreUnavailable
-from extproc.testing import GatewayHarness
+from extproc_plugins.budgets.ledger import BudgetLedger, Limits, Subject, window_bounds
+from extproc.state.memory import MemoryStore
+from extproc_plugins.budgets.reservations.memory import MemoryReservations
+from extproc.state.store import StoreUnavailable
+from extproc.framework.testing import GatewayHarness
 
 from .budget_helpers import config_with
 
@@ -83,14 +85,17 @@ async def test_worst_case_is_reserved_while_in_flight():
         assert rows[("tokens", "day")]["reserved"] > 100
         second = await gw.chat("x", max_tokens=100)
         assert second.status == 429
-        await life.stream_closed(True)  # the first one is aborted: its reservation comes back
-        rows = await report(gw)
-        assert rows[("tokens", "day")]["reserved"] == 0 and rows[("tokens", "day")]["spent"] == 0
+        await life.stream_closed(True)  # the first one is aborted after it went upstream: its prompt is
+        rows = await report(gw)        # charged (on_abort: charge_delivered), the rest comes back
+        prompt = life.ctx.prompt_tokens_estimate
+        assert rows[("tokens", "day")]["reserved"] == 0 and rows[("tokens", "day")]["spent"] == prompt
+        assert rows[("requests", "day")]["spent"] == 1
         assert (await gw.chat("x", max_tokens=100)).status == 200
 
 
-async def test_aborted_stream_releases_everything():
-    async with GatewayHarness(config=budgets(tenants={"anonymous": {"tokens_per_day": 1000}})) as gw:
+async def test_aborted_stream_releases_everything_with_on_abort_release():
+    cfg = budgets(on_abort="release", tenants={"anonymous": {"tokens_per_day": 1000}})
+    async with GatewayHarness(config=cfg) as gw:
         result = await gw.chat("hi", stream=True, answer=ANSWER, abort_after_chunks=1)
         assert result.ctx.outcome == "aborted"
         rows = await report(gw)
@@ -98,14 +103,28 @@ async def test_aborted_stream_releases_everything():
     assert rows[("requests", "day")]["spent"] == 0
 
 
-async def test_aborted_stream_charged_what_was_delivered():
-    cfg = budgets(on_abort="charge_delivered", tenants={"anonymous": {"tokens_per_day": 1000}})
-    async with GatewayHarness(config=cfg) as gw:
+async def test_aborted_stream_charged_what_was_delivered_by_default():
+    async with GatewayHarness(config=budgets(tenants={"anonymous": {"tokens_per_day": 1000}})) as gw:
         result = await gw.chat("hi", stream=True, answer=ANSWER, abort_after_chunks=2)
         rows = await report(gw)
     delivered = 2  # "one", " two"
     assert rows[("tokens", "day")]["spent"] == result.ctx.prompt_tokens_estimate + delivered
     assert rows[("tokens", "day")]["reserved"] == 0
+    assert rows[("requests", "day")]["spent"] == 1  # hanging up does not dodge requests_per_day
+
+
+async def test_prompt_is_reserved_as_the_upstream_counts_it():
+    # The tier's chat template is part of what Triton counts (and bills): "Hello, how are you
+    # today?" is 7 tokens of text, 14 the cookbook way, more with chatml's markers.
+    from extproc.formats import tokens
+    from extproc.formats.chat_templates import render
+    from extproc.formats.openai import ChatMessage
+
+    async with GatewayHarness(config=budgets(tenants={"anonymous": {"tokens_per_day": 10_000}})) as gw:
+        result = await gw.chat("Hello, how are you today?", max_tokens=10, answer=ANSWER)
+    templated = tokens.count_text(render("chatml", [ChatMessage(role="user", content="Hello, how are you today?")]))
+    assert templated > tokens.count_chat([ChatMessage(role="user", content="Hello, how are you today?")])
+    assert result.ctx.prompt_tokens_estimate == templated
 
 
 async def test_upstream_failure_releases():
@@ -117,7 +136,7 @@ async def test_upstream_failure_releases():
 
 
 async def test_soft_threshold_marks_the_request():
-    cfg = budgets(soft_threshold=0.5, tenants={"anonymous": {"tokens_per_day": 100}})
+    cfg = budgets(soft_threshold=0.5, tenants={"anonymous": {"tokens_per_day": 120}})
     async with GatewayHarness(config=cfg) as gw:
         first = await gw.chat("hi", max_tokens=10, answer=ANSWER)
         assert not first.ctx.over_soft_budget and first.headers["x-extproc-budget"] == "ok"
@@ -172,8 +191,8 @@ async def test_200_concurrent_admissions_against_50(backend, request):
     assert rows[("requests", "day")]["spent"] == 50 and rows[("requests", "day")]["reserved"] == 0
 
 
-class FlakyStore(MemoryStore):
-    """A memory store that can be switched off, like a Redis that went away."""
+class FlakyReservations(MemoryReservations):
+    """Memory reservations that can be switched off, like a Redis that went away."""
 
     down = False
 
@@ -203,11 +222,16 @@ class FlakyStore(MemoryStore):
         return await super().release(*args, **kwargs)
 
 
-def _flaky(gw) -> FlakyStore:
-    store = FlakyStore()
-    plugin = gw.gateway.hooks.pm.get_plugin("budgets")
-    plugin.ledger.store = store
-    return store
+def _use(gw, reservations: MemoryReservations) -> None:
+    """Give the budgets plugin's ledger these reservations (on a store of their own)."""
+    ledger = gw.gateway.hooks.pm.get_plugin("budgets").ledger
+    ledger.store, ledger.reservations = reservations.store, reservations
+
+
+def _flaky(gw) -> FlakyReservations:
+    flaky = FlakyReservations(MemoryStore())
+    _use(gw, flaky)
+    return flaky
 
 
 async def test_store_down_at_admission_rejects_by_default():
@@ -225,6 +249,22 @@ async def test_store_down_at_admission_may_admit_flagged():
         result = await gw.chat("hi")
     assert result.status == 200 and result.headers["x-extproc-degraded"] == "budgets"
     assert result.ctx.budget_status == "unavailable"
+
+
+async def test_a_store_outage_is_logged_once_not_per_request(caplog):
+    """Redis gone under load used to log one warning per refused request (276 lines in 10 s)."""
+    async with GatewayHarness(config=budgets(tenants={"anonymous": {"tokens_per_day": 100000}})) as gw:
+        flaky = _flaky(gw)
+        flaky.down = True
+        with caplog.at_level("WARNING", logger="extproc_plugins.budgets.budgets"):
+            statuses = [(await gw.chat(f"hi {i}")).status for i in range(30)]
+            flaky.down = False
+            statuses += [(await gw.chat(f"back {i}")).status for i in range(5)]
+    assert statuses == [503] * 30 + [200] * 5
+    lines = [r.getMessage() for r in caplog.records if r.name == "extproc_plugins.budgets.budgets"]
+    assert len(lines) == 2, lines
+    assert "store unavailable" in lines[0] and "logged once" in lines[0]
+    assert "store back" in lines[1] and "30 request(s) were refused with 503" in lines[1]
 
 
 async def test_settlement_retried_when_the_store_comes_back():
@@ -325,7 +365,7 @@ async def test_admission_cancelled_mid_call_releases_what_it_may_have_reserved()
 
 
 def test_pending_settlements_are_bounded():
-    from extproc_plugins.budgets import _Pending
+    from extproc_plugins.budgets.budgets import _Pending
 
     pending = _Pending(maxlen=3)
     for i in range(5):
@@ -340,11 +380,11 @@ async def test_override_cache_is_bounded():
     assert len(ledger._cache) <= 10
 
 
-class SlowCommitStore(MemoryStore):
-    """A memory store whose settlements wait for ``gate`` (a store that is slow to write)."""
+class SlowCommitReservations(MemoryReservations):
+    """Memory reservations whose settlements wait for ``gate`` (a store that is slow to write)."""
 
     def __init__(self):
-        super().__init__()
+        super().__init__(MemoryStore())
         self.gate = asyncio.Event()
         self.commits = 0
 
@@ -354,14 +394,16 @@ class SlowCommitStore(MemoryStore):
         return await super().commit_metrics(*args, **kwargs)
 
 
-def _slow(gw) -> SlowCommitStore:
-    store = SlowCommitStore()
-    gw.gateway.hooks.pm.get_plugin("budgets").ledger.store = store  # not the gateway's: survives stop()
-    return store
+def _slow(gw) -> SlowCommitReservations:
+    slow = SlowCommitReservations()  # not on the gateway's store: survives stop()
+    _use(gw, slow)
+    return slow
 
 
-async def _tokens_day(store) -> dict:
-    rows = (await BudgetLedger(store).report(Subject("tenant", "anonymous")))["windows"]
+async def _tokens_day(reservations: MemoryReservations) -> dict:
+    ledger = BudgetLedger(reservations.store)
+    ledger.reservations = reservations
+    rows = (await ledger.report(Subject("tenant", "anonymous")))["windows"]
     return next(r for r in rows if (r["metric"], r["window"]) == ("tokens", "day"))
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from extproc.cache_control import CacheDirectives, CacheTTL, parse_cache_headers
-from extproc.openai_format import OpenAIError
+from extproc_plugins.caching.cache_control import CacheDirectives, CacheTTL, parse_cache_headers
+from extproc.formats.openai import OpenAIError
 
 
 @pytest.mark.parametrize("headers,expected", [

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from extproc.cache_keys import (Normalization, body_hash, canonical_request, deterministic, exact_key_parts,
+from extproc_plugins.caching.cache_keys import (Normalization, body_hash, canonical_request, deterministic, exact_key_parts,
                                 fingerprint, normalize_text, semantic_parts)
-from extproc.openai_format import parse_request
+from extproc.formats.openai import parse_request
 
 
 def req(body: dict, endpoint="chat"):

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from extproc import openai_format as oai
-from extproc.cached_answer import AnswerCapture, CachedAnswer, render, serve
-from extproc.context import RequestContext
-from extproc.sse import SSEParser, encode_event
-from extproc.triton_format import StreamTranslator
+from extproc.formats import openai as oai
+from extproc_plugins.caching.cached_answer import AnswerCapture, CachedAnswer, render, serve
+from extproc.framework.context import RequestContext
+from extproc.formats.sse import SSEParser, encode_event
+from extproc.formats.triton import StreamTranslator
 
 
 def chat_req(stream=False, include_usage=False):
@@ -127,7 +127,7 @@ def test_render_completions_stream():
 
 
 def test_serve_records_savings_and_headers():
-    from extproc.config import TierConfig
+    from extproc.framework.config import TierConfig
 
     ctx = RequestContext("r", "POST", "/v1/chat/completions", {})
     ctx.request = chat_req(stream=True)
@@ -146,9 +146,9 @@ def test_serve_records_savings_and_headers():
 
 def test_shared_capture_parses_each_chunk_once_for_every_policy():
     """Four storing policies on one request share one capture: each chunk is parsed once."""
-    from extproc.cached_answer import feed_shared_capture, shared_capture
-    from extproc.context import RequestContext, ResponseChunk
-    from extproc.openai_format import Usage
+    from extproc_plugins.caching.cached_answer import feed_shared_capture, shared_capture
+    from extproc.framework.context import RequestContext, ResponseChunk
+    from extproc.formats.openai import Usage
 
     ctx = RequestContext("r", "POST", "/v1/chat/completions", {}, endpoint="chat")
     first = shared_capture(ctx, 1000)

@@ -1,11 +1,11 @@
-"""Unit tests for extproc.chat_templates."""
+"""Unit tests for extproc.formats.chat_templates."""
 
 from __future__ import annotations
 
 import pytest
 
-from extproc.chat_templates import TEMPLATES, render
-from extproc.openai_format import ChatMessage as M
+from extproc.formats.chat_templates import TEMPLATES, render
+from extproc.formats.openai import ChatMessage as M
 
 CONV = [M("system", "Be brief."), M("user", "Hi"), M("assistant", "Hello!"), M("user", "2+2?")]
 

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "extproc", *args], capture_output=True, text=True, timeout=120)
@@ -31,7 +33,7 @@ def test_plugins_lists_built_ins_with_the_hooks_they_implement():
     assert result.returncode == 0, result.stderr
     rows = {row["name"]: row for row in json.loads(result.stdout)}
     assert rows["model_tiers"]["loaded"] is True
-    assert rows["model_tiers"]["target"] == "extproc_plugins.model_tiers:ModelTiers"
+    assert rows["model_tiers"]["target"] == "extproc_plugins.routing.model_tiers:ModelTiers"
     assert "extproc_choose_tier" in rows["model_tiers"]["hooks"]
     assert rows["budgets"]["loaded"] is False  # installed, opt-in
 
@@ -49,7 +51,7 @@ def test_up_refuses_ports_in_use_before_starting_anything(tmp_path):
     import socket
 
     from tests.ports import free_port_run
-    from extproc.tritonserver import free_port
+    from extproc.commands.tritonserver import free_port
 
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
@@ -68,8 +70,8 @@ def test_up_refuses_ports_in_use_before_starting_anything(tmp_path):
 def test_ports_in_use_ignores_free_ports_and_names_taken_ones():
     import socket
 
-    from extproc.stack import ports_in_use
-    from extproc.tritonserver import free_port
+    from extproc.commands.stack import ports_in_use
+    from extproc.commands.tritonserver import free_port
 
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
@@ -82,7 +84,38 @@ def test_ports_in_use_ignores_free_ports_and_names_taken_ones():
 def test_serve_worker_sockets_option_reaches_the_config():
     import argparse
 
-    from extproc.cli import _overrides
+    from extproc.commands.cli import _overrides
 
     args = argparse.Namespace(worker_sockets="/run/extproc", workers=2)
     assert _overrides(args)["server"] == {"workers": 2, "worker_sockets": "/run/extproc"}
+
+
+def test_up_interrupts_once_then_ignores_ctrl_c():
+    # A second Ctrl-C must not cut short the cleanup the first one started.
+    import os
+    import signal
+
+    from extproc.commands.cli import Interrupted, _interrupt_once
+
+    previous = signal.signal(signal.SIGINT, _interrupt_once)
+    try:
+        with pytest.raises(Interrupted) as caught:
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(100):  # the handler runs between bytecodes
+                pass
+        assert isinstance(caught.value, KeyboardInterrupt)  # every `except KeyboardInterrupt` sees it
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGINT)  # ignored
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_finding_triton_does_not_import_pytriton():
+    # `extproc up` only needs the folder; importing pytriton loads gevent, zmq and aiohttp.
+    import subprocess
+    import sys
+
+    code = ("import sys; from extproc.commands.tritonserver import find_tritonserver; "
+            "find_tritonserver(); print('pytriton' in sys.modules, 'gevent' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from extproc.decisions import Continue, Reply
-from extproc.testing import triton_answer
-from extproc_plugins.coalescing import Coalescing
+from extproc.wire.decisions import Continue, Reply
+from extproc.framework.testing import triton_answer
+from extproc_plugins.caching.coalescing import Coalescing
 
 from .cache_helpers import chat_body, harness, plugin_of
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from extproc.config import ConfigError, default_config_text, load_config, parse_config
-from extproc.gateway import Gateway
-from extproc.plugins import DEFAULT_PLUGINS, installed_plugins
+from extproc.framework.config import ConfigError, default_config_text, load_config, parse_config
+from extproc.framework.gateway import Gateway
+from extproc.framework.plugin_manager import DEFAULT_PLUGINS, installed_plugins
 
 
 def base() -> dict:

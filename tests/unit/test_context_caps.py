@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from extproc import tokens
-from extproc.openai_format import parse_request
-from extproc.testing import GatewayHarness
+from extproc.formats import tokens
+from extproc.formats.openai import parse_request
+from extproc.framework.testing import GatewayHarness
 
 from .budget_helpers import config_with
 
@@ -103,7 +103,7 @@ async def test_first_matching_rule_applies_by_tenant_workflow_tier_and_route():
         assert (await gw.chat(text, model="large")).status == 400  # the tier rule
         assert (await gw.send({"model": "auto", "prompt": text + text}, path="/v1/completions")).status == 400
         plugin = gw.gateway.hooks.pm.get_plugin("context_caps")
-        from extproc.context import RequestContext
+        from extproc.framework.context import RequestContext
         ctx = RequestContext("r", "POST", "/v1/chat/completions", {}, tenant="acme", workflow="bulk")
         assert plugin.settings.rules[0].matches("small", ctx.path, ctx.workflow, ctx.tenant)
         assert not plugin.settings.rules[0].matches("small", ctx.path, "chat", ctx.tenant)

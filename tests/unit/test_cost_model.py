@@ -7,12 +7,12 @@ import asyncio
 import pytest
 import yaml
 
-from extproc.config import ConfigError, default_config_text, parse_config
-from extproc.context import RequestContext
-from extproc.cost_model import CostModel, GpuHourMeter, gateway_ms
-from extproc.openai_format import Usage
-from extproc.testing import GatewayHarness
-from extproc.triton_metrics import ModelLoad, TritonMetricsError
+from extproc.framework.config import ConfigError, default_config_text, parse_config
+from extproc.framework.context import RequestContext
+from extproc.observability.cost_model import CostModel, GpuHourMeter, gateway_ms
+from extproc.formats.openai import Usage
+from extproc.framework.testing import GatewayHarness
+from extproc.observability.triton_metrics import ModelLoad, TritonMetricsError
 
 
 def config(**changes):

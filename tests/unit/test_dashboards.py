@@ -2,7 +2,7 @@
 
 Every PromQL expression of ``observability/grafana/dashboards/*.json`` is reduced to the metric
 names it selects (strings, label matchers, ranges, ``by (...)`` clauses, functions and keywords
-removed); each must be a sample name :func:`extproc.metrics.metric_names` lists, which is built from
+removed); each must be a sample name :func:`extproc.observability.metrics.metric_names` lists, which is built from
 the very metric objects the workers record into and from the Triton collector's families.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from extproc.metrics import GatewayMetrics, metric_names
+from extproc.observability.metrics import GatewayMetrics, metric_names
 
 ROOT = Path(__file__).resolve().parents[2]
 OBS = ROOT / "observability"

@@ -16,8 +16,8 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from extproc import embeddings  # noqa: E402
-from extproc.embeddings import MiniLMEncoder, ModelNotFoundError, cosine  # noqa: E402
+from extproc.embeddings import encoder as embeddings  # noqa: E402
+from extproc.embeddings.encoder import MiniLMEncoder, ModelNotFoundError, cosine  # noqa: E402
 from tests.conftest import IN_CI  # noqa: E402
 
 REF_PATH = REPO / "tests" / "data" / "embedding_reference.json"
@@ -159,7 +159,7 @@ def test_import_is_light():
     import subprocess
 
     code = (
-        "import sys; sys.path.insert(0, %r); import extproc.embeddings as e; "
+        "import sys; sys.path.insert(0, %r); import extproc.embeddings.encoder as e; "
         "assert e._shared is None; assert 'safetensors' not in sys.modules and 'tokenizers' not in sys.modules"
     ) % str(REPO)
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,6 +1,6 @@
 """The Envoy configurations under envoy/ against the real Envoy 1.40 (`envoy --mode validate`).
 
-Also: extproc.envoy_config renders them on other ports (by cluster name) and the result still
+Also: extproc.commands.envoy_config renders them on other ports (by cluster name) and the result still
 validates; the generated variants (envoy-compose.yaml, envoy-nofilter.yaml) are in sync with
 envoy.yaml; a broken configuration fails with Envoy's own message; and the parts of envoy.yaml
 the service relies on (filter order, processing mode, fail-closed, buffer limits, routes) are
@@ -12,6 +12,8 @@ FAIL under CI (CI=true), so a CI machine that lost the binary cannot pass silent
 
 from __future__ import annotations
 
+import json
+
 import copy
 import os
 from pathlib import Path
@@ -19,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from extproc import envoy_config as ec
+from extproc.commands import envoy_config as ec
 
 ROOT = Path(__file__).resolve().parents[2]
 ENVOY_DIR = ROOT / "envoy"
@@ -103,7 +105,7 @@ def test_rendered_on_other_ports_validates_and_rewrites_by_name(envoy_bin, tmp_p
 
 
 def test_rendered_with_worker_sockets_lists_one_pipe_endpoint_per_worker(envoy_bin, tmp_path):
-    from extproc.server import worker_socket_paths
+    from extproc.serving.server import worker_socket_paths
 
     paths = worker_socket_paths(tmp_path / "socks", 3)
     out = ec.write_envoy_config(MAIN, tmp_path / "envoy.yaml", listen_port=18000, admin_port=18901,
@@ -198,13 +200,13 @@ def test_envoy_binary_missing_gives_a_clear_error(monkeypatch, tmp_path):
 def test_compose_variant_is_in_sync():
     expected = ec.render_compose_config(MAIN)
     actual = (ENVOY_DIR / "envoy-compose.yaml").read_text()
-    assert actual == expected, "run: python -m extproc.envoy_config compose > envoy/envoy-compose.yaml"
+    assert actual == expected, "run: python -m extproc.commands.envoy_config compose > envoy/envoy-compose.yaml"
 
 
 def test_nofilter_variant_is_in_sync():
     expected = ec.render_nofilter_config(MAIN)
     actual = (ENVOY_DIR / "envoy-nofilter.yaml").read_text()
-    assert actual == expected, "run: python -m extproc.envoy_config nofilter > envoy/envoy-nofilter.yaml"
+    assert actual == expected, "run: python -m extproc.commands.envoy_config nofilter > envoy/envoy-nofilter.yaml"
 
 
 def test_compose_variant_uses_service_hostnames():
@@ -275,12 +277,18 @@ def test_internal_headers_are_stripped_before_routing_and_in_the_filter(main_cfg
 def test_ext_proc_settings(main_cfg):
     ep = _ext_proc(main_cfg)
     assert ep["grpc_service"]["envoy_grpc"]["cluster_name"] == "extproc"
+    # The response phases are off until the service turns them on for a request it lets through
+    # (an Envoy local reply, a codec error's above all, must never wait on the service).
     assert ep["processing_mode"] == {
         "request_header_mode": "SEND", "request_body_mode": "BUFFERED",
-        "request_trailer_mode": "SKIP", "response_header_mode": "SEND",
-        "response_body_mode": "STREAMED", "response_trailer_mode": "SEND",
+        "request_trailer_mode": "SKIP", "response_header_mode": "SKIP",
+        "response_body_mode": "NONE", "response_trailer_mode": "SKIP",
     }
     assert ep["allow_mode_override"] is True
+    from google.protobuf import json_format
+
+    from extproc.wire.processor import FORWARDED_MODE
+    assert ep["allowed_override_modes"] == [json_format.MessageToDict(FORWARDED_MODE, preserving_proto_field_name=True)]
     assert ep["failure_mode_allow"] is False
     assert ep["message_timeout"] and ep["max_message_timeout"]
     rules = ep["mutation_rules"]
@@ -297,11 +305,14 @@ def test_extproc_cluster_is_h2_and_grpc_health_checked(main_cfg):
     assert c["common_lb_config"]["healthy_panic_threshold"]["value"] == 0
 
 
-def test_triton_clusters_health_checked(main_cfg):
+def test_triton_clusters_health_checked_by_a_generation_of_their_own_model(main_cfg):
+    # Not the server's /v2/health/ready: Triton stays "ready" when one model's process died.
     clusters = _clusters(main_cfg)
     for name in ("tier_small", "tier_medium", "tier_large"):
-        hc = clusters[name]["health_checks"][0]
-        assert hc["http_health_check"]["path"] == "/v2/health/ready"
+        hc = clusters[name]["health_checks"][0]["http_health_check"]
+        assert hc["path"] == f"/v2/models/llm-{name.split('_')[1]}/generate" and hc["method"] == "POST"
+        body = json.loads(bytes.fromhex(hc["send"]["text"]))
+        assert body == {"text_input": "ping", "max_tokens": 1}
 
 
 def test_buffer_limits_exceed_the_service_max_request(main_cfg):
@@ -396,7 +407,7 @@ def test_dump_has_no_yaml_aliases():
 def test_trusted_auth_variant_is_in_sync():
     expected = ec.render_trusted_auth_config(MAIN)
     actual = (ENVOY_DIR / "envoy-trusted-auth.yaml").read_text()
-    assert actual == expected, "run: python -m extproc.envoy_config trusted-auth > envoy/envoy-trusted-auth.yaml"
+    assert actual == expected, "run: python -m extproc.commands.envoy_config trusted-auth > envoy/envoy-trusted-auth.yaml"
 
 
 def test_trusted_auth_authenticates_after_the_strip_and_before_ext_proc():
@@ -411,3 +422,10 @@ def test_trusted_auth_authenticates_after_the_strip_and_before_ext_proc():
 def test_htpasswd_sha_matches_the_htpasswd_format():
     # `htpasswd -nbs demo demo-password` prints this line.
     assert ec.htpasswd_sha("demo", "demo-password") == "demo:{SHA}POjQMNQW1NfYyWtu4ZyNpwwV7k4="
+
+
+def test_opening_an_ext_proc_stream_is_retried(main_cfg):
+    # A worker that died or an instance draining refuses new streams: Envoy tries again.
+    policy = _ext_proc(main_cfg)["grpc_service"]["retry_policy"]
+    assert "connect-failure" in policy["retry_on"] and "refused-stream" in policy["retry_on"]
+    assert policy["num_retries"] >= 2

@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from extproc.state import MemoryStore, StoreUnavailable
-from extproc_plugins.exact_cache import ExactCache
+from extproc.state.memory import MemoryStore
+from extproc.state.store import StoreUnavailable
+from extproc_plugins.caching.exact_cache import ExactCache
 
 from .cache_helpers import TenantFromHeader, chat_body, content, harness, plugin_of
 
@@ -55,7 +56,7 @@ async def test_non_deterministic_requests_are_neither_served_nor_stored():
 
 
 async def test_tenant_a_never_gets_tenant_b_answer():
-    from extproc.testing import GatewayHarness
+    from extproc.framework.testing import GatewayHarness
 
     from .cache_helpers import config
 

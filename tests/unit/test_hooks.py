@@ -1,12 +1,13 @@
-"""One test per hook, named after it, through the real lifecycle (extproc.testing)."""
+"""One test per hook, named after it, through the real lifecycle (extproc.framework.testing)."""
 
 from __future__ import annotations
 
 import pytest
+from pydantic import BaseModel
 
 from extproc import OpenAIError, Reply, TierChoice, hookimpl
-from extproc.hookspecs import HOOK_NAMES
-from extproc.testing import GatewayHarness
+from extproc.framework.hookspecs import HOOK_NAMES
+from extproc.framework.testing import GatewayHarness
 
 
 class Recorder:
@@ -53,7 +54,7 @@ class Recorder:
 
 
 def test_every_hook_is_documented_and_tested():
-    import extproc.hookspecs as specs
+    import extproc.framework.hookspecs as specs
 
     for name in HOOK_NAMES:
         doc = getattr(specs, name).__doc__
@@ -217,3 +218,37 @@ async def test_extproc_request_finished():
         await gw.chat("hi", stream=True, answer="a b c", abort_after_chunks=1)
         await gw.chat("hi", upstream_status=500, upstream_chunks=[b'{"error": "boom"}'])
     assert outcomes == ["completed", "replied", "aborted", "failed"]
+
+
+class _Named:
+    """A plugin whose settings the harness must pass on (for the settings tests below)."""
+
+    class Settings(BaseModel):
+        word: str
+
+    def __init__(self, settings):
+        self.word = settings.word
+
+
+class First(_Named):
+    pass
+
+
+class Second(_Named):
+    pass
+
+
+def _plugin(harness, cls):
+    return next(p.obj for p in harness.gateway.hooks.plugins if isinstance(p.obj, cls))
+
+
+def test_harness_gives_every_plugin_its_settings():
+    one = GatewayHarness(First, settings={"word": "alone"})
+    assert _plugin(one, First).word == "alone"
+    both = GatewayHarness(First, Second, settings={"First": {"word": "a"}, "Second": {"word": "b"}})
+    assert (_plugin(both, First).word, _plugin(both, Second).word) == ("a", "b")
+
+
+def test_harness_refuses_flat_settings_for_several_plugins():
+    with pytest.raises(ValueError, match="maps each plugin's name to its settings"):
+        GatewayHarness(First, Second, settings={"word": "which one?"})

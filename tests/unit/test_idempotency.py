@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 
-from extproc.decisions import Continue, Reply
-from extproc_plugins.idempotency import Idempotency
+from extproc.wire.decisions import Continue, Reply
+from extproc_plugins.caching.idempotency import Idempotency
 
 from .cache_helpers import chat_body, content, harness
 from .test_coalescing import finish, start
@@ -113,7 +113,7 @@ async def test_redis_down_lets_requests_through():
 
 
 async def test_the_same_key_from_another_tenant_is_another_key():
-    from extproc.testing import GatewayHarness
+    from extproc.framework.testing import GatewayHarness
 
     from .cache_helpers import TenantFromHeader, config
 

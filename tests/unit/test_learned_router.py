@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from extproc import router_model as rm
-from extproc.cli import main
-from extproc.config import PluginEntry, load_config
-from extproc.testing import GatewayHarness
+from extproc_plugins.routing import router_model as rm
+from extproc.commands.cli import main
+from extproc.framework.config import PluginEntry, load_config
+from extproc.framework.testing import GatewayHarness
 
 from .routing_helpers import RequestFacts, config_with
 
@@ -72,7 +72,7 @@ def test_route_picks_the_strongest_label_reaching_its_threshold():
 
 
 def test_cost_ratio_and_report():
-    from extproc.config import Price
+    from extproc.framework.config import Price
 
     prices = {"small": Price(prompt_per_1k=0.1, completion_per_1k=0.1),
               "medium": Price(prompt_per_1k=0.5, completion_per_1k=0.5),
@@ -150,7 +150,7 @@ def test_shipped_model_was_trained_on_the_shipped_data():
     model = rm.RouterModel.load(rm.default_model_path())
     assert model.labels == list(rm.DEFAULT_LABELS)
     assert model.meta["data_sha256"] == rm.file_sha256(rm.default_data_path()), \
-        "retrain: extproc router train extproc/data/route_labelled.jsonl --out extproc/data/learned_router.json"
+        "retrain: extproc router train extproc_plugins/routing/data/route_labelled.jsonl --out extproc_plugins/routing/data/learned_router.json"
     assert rm.default_model_path().stat().st_size < 40_000
 
 
@@ -260,7 +260,7 @@ def test_router_cli_errors(tmp_path, capsys):
 
 @pytest.mark.parametrize("on_error", ["fail_closed", "fail_open"])
 async def test_a_failing_router_follows_its_failure_policy(monkeypatch, on_error):
-    from extproc import routing
+    from extproc.embeddings import prompt as prompts
 
     async def broken(ctx, embedder=None):
         raise RuntimeError("encoder down")
@@ -268,7 +268,7 @@ async def test_a_failing_router_follows_its_failure_policy(monkeypatch, on_error
     cfg = config_with().model_copy(update={"plugins": [
         PluginEntry(name="learned_router", on_error=on_error), PluginEntry(name="model_tiers")]})
     async with GatewayHarness(config=cfg) as gw:
-        monkeypatch.setattr(routing, "prompt_embedding", broken)
+        monkeypatch.setattr(prompts, "prompt_embedding", broken)
         r = await gw.chat("Implement a lock-free queue in C++.")
     if on_error == "fail_closed":
         assert r.status == 500 and r.json()["error"]["code"] == "plugin_error"

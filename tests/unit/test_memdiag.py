@@ -1,4 +1,4 @@
-"""Memory diagnostics of a worker (extproc/memdiag.py), used by the soak benchmark."""
+"""Memory diagnostics of a worker (extproc/observability/memdiag.py), used by the soak benchmark."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 import tracemalloc
 from types import SimpleNamespace
 
-from extproc import memdiag
-from extproc.testing import GatewayHarness
+from extproc.observability import memdiag
+from extproc.framework.testing import GatewayHarness
 
 
 class Held:

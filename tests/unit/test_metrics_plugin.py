@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from extproc import hookimpl
-from extproc.config import default_config_text, parse_config
-from extproc.metrics import BoundedLabel, get_metrics
-from extproc.testing import GatewayHarness
+from extproc.framework.config import default_config_text, parse_config
+from extproc.observability.metrics import BoundedLabel, get_metrics
+from extproc.framework.testing import GatewayHarness
 
 
 class Facts:
@@ -127,7 +127,7 @@ async def test_plugin_failures_from_the_hook_runner_are_exported():
 
 
 async def test_a_failing_metrics_plugin_never_costs_the_request(monkeypatch):
-    from extproc_plugins import metrics as plugin
+    from extproc_plugins.observability import metrics as plugin
 
     @hookimpl
     def broken(self, ctx):

@@ -23,9 +23,9 @@ import yaml
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from prometheus_client.parser import text_string_to_metric_families
 
-from extproc.config import default_config_text
-from extproc.stack import grpc_serving, http_ok
-from extproc.testing import triton_answer
+from extproc.framework.config import default_config_text
+from extproc.commands.stack import grpc_serving, http_ok
+from extproc.framework.testing import triton_answer
 
 from ..conftest import free_port
 from .test_wire import exchange, hmap, request_phases

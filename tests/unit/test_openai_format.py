@@ -1,4 +1,4 @@
-"""Unit tests for extproc.openai_format: validation like OpenAI's, errors, builders."""
+"""Unit tests for extproc.formats.openai: validation like OpenAI's, errors, builders."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion
 
-from extproc.openai_format import (
+from extproc.formats.openai import (
     ChatMessage,
     dumps,
     OpenAIError,
@@ -491,11 +491,44 @@ def test_request_to_body_completions():
     assert out == {"model": "m", "prompt": "p", "echo": False, "best_of": 1, "x": 1, "max_tokens": 9}
 
 
-def test_request_to_body_non_ascii_and_lone_surrogate():
-    r = parse_request("chat", b'{"model":"m","messages":[{"role":"user","content":"\\ud83d caf\\u00e9"}]}')
+def test_request_to_body_non_ascii_and_a_surrogate_pair():
+    r = parse_request("chat", b'{"model":"m","messages":[{"role":"user","content":"\\ud83d\\ude00 caf\\u00e9"}]}')
     out = request_to_body(r)
-    out.decode("utf-8")  # valid UTF-8 even with a lone surrogate
-    assert json.loads(out)["messages"][0]["content"] == "\ud83d café"
+    out.decode("utf-8")
+    assert json.loads(out)["messages"][0]["content"] == "\U0001f600 café"
+
+
+@pytest.mark.parametrize("body, param", [
+    (b'{"model":"m","messages":[{"role":"user","content":"\\ud800"}]}', "messages[0].content"),
+    (b'{"model":"m","messages":[{"role":"user","content":"a \\uDFFF b"}]}', "messages[0].content"),
+    (b'{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"\\ud83d"}]}]}',
+     "messages[0].content[0].text"),
+    (b'{"model":"m","messages":[{"role":"user","content":"hi"}],"metadata":{"\\ud800":"k"}}', "metadata"),
+    (b'{"model":"\\udc00","messages":[{"role":"user","content":"hi"}]}', "model"),
+])
+def test_a_lone_surrogate_anywhere_is_400_naming_the_field(body, param):
+    with pytest.raises(OpenAIError) as err:
+        parse_request("chat", body)
+    assert err.value.status == 400 and err.value.code == "invalid_unicode"
+    assert err.value.param == param and err.value.type == "invalid_request_error"
+
+
+def test_a_lone_surrogate_in_a_completions_prompt_is_400():
+    with pytest.raises(OpenAIError) as err:
+        parse_request("completions", b'{"model":"m","prompt":"x\\ud801"}')
+    assert err.value.status == 400 and err.value.param == "prompt"
+
+
+def test_an_escaped_backslash_before_u_d800_is_text_not_a_surrogate():
+    r = parse_request("chat", b'{"model":"m","messages":[{"role":"user","content":"\\\\ud800"}]}')
+    assert r.messages[0].content == "\\ud800"
+
+
+@pytest.mark.parametrize("number", [b"1e999", b"-1e400"])
+def test_a_number_too_large_for_a_double_is_400_not_infinity(number):
+    with pytest.raises(OpenAIError) as err:
+        parse_request("chat", b'{"model":"m","messages":[{"role":"user","content":"hi"}],"x":' + number + b"}")
+    assert err.value.status == 400
 
 
 # --------------------------------------------------------------------------- responses

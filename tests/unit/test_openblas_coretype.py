@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from extproc.blas import openblas_coretype, prefer_fast_kernels
-from extproc.tritonserver import triton_env
+from extproc.commands.blas import openblas_coretype, prefer_fast_kernels
+from extproc.commands.tritonserver import triton_env
 
 AVX2 = "processor : 0\nflags\t\t: fpu sse sse2 ssse3 fma sse4_1 sse4_2 avx avx2 avx512f\n"
 OLD = "processor : 0\nflags\t\t: fpu sse sse2 ssse3 sse4_1 sse4_2 avx\n"

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 
+import pytest
+
 from extproc import hookimpl
-from extproc.testing import GatewayHarness
+from extproc.framework.testing import GatewayHarness
 
 
 class Broken:
@@ -60,7 +62,7 @@ async def test_failure_after_the_upstream_answered_never_loses_the_answer():
 async def test_failure_in_startup_of_a_fail_closed_plugin_stops_the_worker():
     import pytest
 
-    from extproc.plugins import PluginFailure
+    from extproc.framework.hookspecs import PluginFailure
 
     class BadStart:
         @hookimpl
@@ -70,3 +72,17 @@ async def test_failure_in_startup_of_a_fail_closed_plugin_stops_the_worker():
     harness = GatewayHarness(BadStart)
     with pytest.raises(PluginFailure):
         await harness.gateway.start()
+
+
+@pytest.mark.parametrize("marker", [{"wrapper": True}, {"hookwrapper": True}])
+def test_a_hook_wrapper_is_refused_at_start_up_naming_the_plugin(marker):
+    from extproc.framework.config import ConfigError
+
+    class Wrapping:
+        @hookimpl(**marker)
+        def extproc_request_parsed(self, ctx):
+            yield
+
+    with pytest.raises(ConfigError, match=r"plugin 'Wrapping': extproc_request_parsed is marked "
+                                          + list(marker)[0] + "=True"):
+        GatewayHarness(Wrapping)

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from extproc.report import parse_time, render_table, summarize, time_series, write_charts
-from extproc.usage import JsonlFile, encode
+from extproc.observability.report import parse_time, render_table, summarize, time_series, write_charts
+from extproc.observability.usage import JsonlFile, encode
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 

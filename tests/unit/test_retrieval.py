@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from extproc import tokens
-from extproc.testing import GatewayHarness
-from extproc_plugins.retrieval import chunk_document
+from extproc.formats import tokens
+from extproc.framework.testing import GatewayHarness
+from extproc_plugins.context.retrieval import chunk_document
 
 from .budget_helpers import config_with
 

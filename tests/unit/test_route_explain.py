@@ -7,10 +7,10 @@ import json
 import pytest
 import yaml
 
-from extproc.cli import main
-from extproc.config import default_config_text, load_config, parse_config
-from extproc.route_explain import build_body, deciding_plugins, explain
-from extproc.testing import GatewayHarness
+from extproc.commands.cli import main
+from extproc.framework.config import default_config_text, load_config, parse_config
+from extproc.commands.route_explain import build_body, deciding_plugins, explain
+from extproc.framework.testing import GatewayHarness
 
 PROMPTS = ["What is the capital of Norway?",
            "Write a friendly email to our customers announcing new opening hours.",

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from extproc.config import ConfigError
-from extproc.testing import GatewayHarness
-from extproc_plugins.route_rules import RouteRules
+from extproc.framework.config import ConfigError
+from extproc.framework.testing import GatewayHarness
+from extproc_plugins.routing.route_rules import RouteRules
 
 from .routing_helpers import RequestFacts, config_with
 
@@ -159,8 +159,12 @@ async def test_context_window_narrows_to_tiers_that_hold_the_prompt():
 
 async def test_capabilities_can_be_turned_off():
     async with harness(capabilities=False) as gw:
+        fits = await gw.chat("word " * 10)
         r = await gw.chat("word " * 9000)
-    assert tier(r) == "small"
+    assert tier(fits) == "small"
+    # not narrowed to a tier that fits: the default tier takes it, and its window refuses it
+    assert r.status == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert any("small" in s for s in r.ctx.route_trace) or r.ctx.tier == "small"
 
 
 # ---------------------------------------------------------------------------- configuration
@@ -174,7 +178,7 @@ async def test_capabilities_can_be_turned_off():
     ([{"name": "has space", "tier": "large"}], "name"),
 ])
 def test_bad_rules_fail_at_load_naming_the_key(rules, match):
-    from extproc.gateway import Gateway
+    from extproc.framework.gateway import Gateway
 
     with pytest.raises(ConfigError, match=match):
         Gateway(config_with(("route_rules", {"rules": rules})))

@@ -7,10 +7,11 @@ import asyncio
 import numpy as np
 import pytest
 
-from extproc import routing
-from extproc.config import load_config
-from extproc.context import RequestContext
-from extproc.openai_format import parse_request
+from extproc_plugins.routing import ladder as routing
+from extproc.embeddings import prompt as prompts
+from extproc.framework.config import load_config
+from extproc.framework.context import RequestContext
+from extproc.formats.openai import parse_request
 
 
 def ctx_for(body: dict, endpoint: str = "chat") -> RequestContext:
@@ -82,20 +83,20 @@ def test_route_text_is_the_last_user_message_clipped():
         {"role": "user", "content": "first question"},
         {"role": "assistant", "content": "an answer"},
         {"role": "user", "content": "  second question  "}]})
-    assert routing.route_text(ctx) == "second question"
+    assert prompts.route_text(ctx) == "second question"
     long = chat("x" * 50_000)
-    assert len(routing.route_text(long)) == routing.ROUTE_TEXT_CHARS
+    assert len(prompts.route_text(long)) == prompts.ROUTE_TEXT_CHARS
     completion = ctx_for({"model": "auto", "prompt": "complete me"}, endpoint="completions")
-    assert routing.route_text(completion) == "complete me"
+    assert prompts.route_text(completion) == "complete me"
 
 
 def test_prompt_tokens_counts_the_whole_chat_once():
     ctx = ctx_for({"model": "auto", "messages": [{"role": "system", "content": "be brief"},
                                                   {"role": "user", "content": "hello there"}]})
-    n = routing.prompt_tokens(ctx)
+    n = prompts.prompt_tokens(ctx)
     assert n > 4 and ctx.prompt_tokens_estimate == n
     ctx.prompt_tokens_estimate = 999  # set by another policy: reused, not recounted
-    assert routing.prompt_tokens(ctx) == 999
+    assert prompts.prompt_tokens(ctx) == 999
 
 
 def test_required_capabilities():
@@ -138,7 +139,7 @@ class CountingEncoder:
 
 async def test_concurrent_asks_are_batched_and_each_gets_its_own_vector():
     enc = CountingEncoder(delay=0.05)
-    embedder = routing.PromptEmbedder(lambda: enc)
+    embedder = prompts.PromptEmbedder(lambda: enc)
     texts = [f"text {i}" for i in range(16)]
     vectors = await asyncio.gather(*(embedder.batcher.encode(t) for t in texts))
     assert len(enc.calls) < 16  # one single call first, then the rest together
@@ -149,7 +150,7 @@ async def test_concurrent_asks_are_batched_and_each_gets_its_own_vector():
 
 async def test_batcher_never_exceeds_max_batch():
     enc = CountingEncoder(delay=0.02)
-    batcher = routing.EmbeddingBatcher(enc.encode, max_batch=4)
+    batcher = prompts.EmbeddingBatcher(enc.encode, max_batch=4)
     await asyncio.gather(*(batcher.encode(str(i)) for i in range(10)))
     assert max(len(c) for c in enc.calls) <= 4 and sum(len(c) for c in enc.calls) == 10
 
@@ -164,7 +165,7 @@ async def test_encoder_failure_reaches_every_waiter_and_the_batcher_recovers():
             return np.ones((len(texts), 384), np.float32)
 
     enc = Failing()
-    batcher = routing.EmbeddingBatcher(enc.encode)
+    batcher = prompts.EmbeddingBatcher(enc.encode)
     results = await asyncio.gather(*(batcher.encode(str(i)) for i in range(3)), return_exceptions=True)
     assert all(isinstance(r, RuntimeError) for r in results)
     enc.fail = False
@@ -173,7 +174,7 @@ async def test_encoder_failure_reaches_every_waiter_and_the_batcher_recovers():
 
 async def test_a_cancelled_waiter_does_not_break_the_others():
     enc = CountingEncoder(delay=0.05)
-    batcher = routing.EmbeddingBatcher(enc.encode)
+    batcher = prompts.EmbeddingBatcher(enc.encode)
     first = asyncio.ensure_future(batcher.encode("a"))
     second = asyncio.ensure_future(batcher.encode("b"))
     third = asyncio.ensure_future(batcher.encode("c"))
@@ -184,7 +185,7 @@ async def test_a_cancelled_waiter_does_not_break_the_others():
 
 
 def test_embedding_cache_is_bounded_lru():
-    cache = routing.EmbeddingCache(max_entries=3)
+    cache = prompts.EmbeddingCache(max_entries=3)
     for i in range(3):
         cache.put(str(i), np.full(2, i, np.float32))
     assert cache.get("0") is not None  # 0 is now the most recent
@@ -194,20 +195,20 @@ def test_embedding_cache_is_bounded_lru():
 
 async def test_prompt_embedding_is_computed_once_per_request_and_cached_across_requests():
     enc = CountingEncoder()
-    embedder = routing.PromptEmbedder(lambda: enc)
+    embedder = prompts.PromptEmbedder(lambda: enc)
     ctx = chat("route me")
-    v1 = await routing.prompt_embedding(ctx, embedder)
-    v2 = await routing.prompt_embedding(ctx, embedder)  # the second policy asking
+    v1 = await prompts.prompt_embedding(ctx, embedder)
+    v2 = await prompts.prompt_embedding(ctx, embedder)  # the second policy asking
     assert v1 is v2 and ctx.embedding_calls == 1 and len(enc.calls) == 1
     again = chat("route me")
-    await routing.prompt_embedding(again, embedder)  # same text, next request: the LRU answers
+    await prompts.prompt_embedding(again, embedder)  # same text, next request: the LRU answers
     assert again.embedding_calls == 0 and len(enc.calls) == 1
 
 
 async def test_real_encoder_through_the_batcher_matches_a_direct_call():
-    from extproc.embeddings import get_encoder
+    from extproc.embeddings.encoder import get_encoder
 
-    embedder = routing.PromptEmbedder()
+    embedder = prompts.PromptEmbedder()
     texts = ["Extract the email address", "Prove the theorem", "Write an email to my boss"]
     batched = await asyncio.gather(*(embedder.batcher.encode(t) for t in texts))
     direct = get_encoder().encode(texts)
@@ -226,17 +227,17 @@ async def test_large_prompts_are_counted_off_the_event_loop_with_the_same_result
     big = chat("The quick brown fox jumps over the lazy dog. " * 3000)  # ~135 KB
     small = chat("The quick brown fox jumps over the lazy dog. " * 3000)
     seen = []
-    original = routing._count
+    original = prompts._count
 
     def spy(ctx, encoding):
         seen.append(threading.current_thread() is threading.main_thread())
         return original(ctx, encoding)
 
-    routing._count = spy
+    prompts._count = spy
     try:
-        n = await routing.prompt_tokens_async(big)
+        n = await prompts.prompt_tokens_async(big)
     finally:
-        routing._count = original
-    assert seen == [False] and n == routing.prompt_tokens(small) > 27_000
+        prompts._count = original
+    assert seen == [False] and n == prompts.prompt_tokens(small) > 27_000
     short = chat("hello")
-    assert await routing.prompt_tokens_async(short) == routing.prompt_tokens(chat("hello"))
+    assert await prompts.prompt_tokens_async(short) == prompts.prompt_tokens(chat("hello"))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from extproc.testing import GatewayHarness
-from extproc_plugins.semantic_cache import SemanticCache
+from extproc.framework.testing import GatewayHarness
+from extproc_plugins.caching.semantic_cache import SemanticCache
 
 from .cache_helpers import TenantFromHeader, chat_body, config, content, harness, plugin_of
 
@@ -111,13 +111,13 @@ async def test_expired_answer_drops_its_vector():
 
 
 async def test_encoder_unavailable_with_fail_open_disables_the_policy(monkeypatch):
-    import extproc.embeddings as emb
-    from extproc import routing
+    import extproc.embeddings.encoder as emb
+    from extproc.embeddings import prompt as prompts
 
     def missing():
         raise emb.ModelNotFoundError("no weights here")
 
-    monkeypatch.setattr(routing, "prompt_embedder", lambda: routing.PromptEmbedder(missing))
+    monkeypatch.setattr(prompts, "prompt_embedder", lambda: prompts.PromptEmbedder(missing))
     async with harness(SemanticCache, on_error="fail_open") as gw:
         result = await gw.send(chat_body("What is the capital of France?"), answer="Paris")
     assert result.status == 200 and result.ctx.cache_lookups == [("semantic", "unavailable")]
@@ -135,13 +135,13 @@ async def test_completions_prompts_are_matched_by_meaning():
 
 
 async def test_the_routers_embedding_of_the_same_turn_is_reused_not_computed_again():
-    from extproc import routing
-    from extproc.hookspecs import hookimpl
+    from extproc.embeddings import prompt as prompts
+    from extproc.framework.hookspecs import hookimpl
 
     class Router:  # stands for semantic_routes / learned_router, which embed the last user turn
         @hookimpl
         async def extproc_request_parsed(self, ctx):
-            await routing.prompt_embedding(ctx)
+            await prompts.prompt_embedding(ctx)
 
     async with GatewayHarness(Router, SemanticCache, config=config()) as gw:
         first = await gw.send(chat_body("What is the tallest building in Europe today?"), answer="x")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from extproc.semantic_guard import GuardChecks, compatible
+from extproc_plugins.caching.semantic_guard import GuardChecks, compatible
 
 
 @pytest.mark.parametrize("a,b,check", [
@@ -47,7 +47,7 @@ def test_paraphrases_pass(a, b):
 
 
 def test_a_word_opposes_every_word_it_is_listed_against():
-    from extproc.semantic_guard import _CONTRAST, _OPPOSITES
+    from extproc_plugins.caching.semantic_guard import _CONTRAST, _OPPOSITES
 
     for i, (a, b) in enumerate(_OPPOSITES):
         for side, words in enumerate((a, b)):

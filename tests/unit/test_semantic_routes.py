@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from extproc.testing import GatewayHarness
+from extproc.framework.testing import GatewayHarness
 
 from .routing_helpers import RequestFacts, config_with
 
@@ -62,7 +62,7 @@ async def test_pinned_requests_are_not_embedded():
 
 
 async def test_shipped_utterances_route_typical_prompts():
-    async with harness() as gw:  # extproc/data/route_utterances.yaml, threshold 0.5
+    async with harness() as gw:  # extproc_plugins/routing/data/route_utterances.yaml, threshold 0.5
         r = await gw.chat("Summarize this report in a few sentences for the board.")
     assert tier(r) == "medium"
 
@@ -108,8 +108,8 @@ async def test_bad_routes_file_shape(tmp_path):
 
 @pytest.mark.parametrize("on_error", ["fail_closed", "fail_open"])
 async def test_encoder_failure_follows_the_failure_policy(monkeypatch, on_error):
-    from extproc import routing
-    from extproc.config import PluginEntry
+    from extproc.embeddings import prompt as prompts
+    from extproc.framework.config import PluginEntry
 
     async def broken(ctx, embedder=None):
         raise RuntimeError("encoder down")
@@ -118,7 +118,7 @@ async def test_encoder_failure_follows_the_failure_policy(monkeypatch, on_error)
         PluginEntry(name="semantic_routes", on_error=on_error, settings={"routes": ROUTES}),
         PluginEntry(name="model_tiers")]})
     async with GatewayHarness(config=cfg) as gw:
-        monkeypatch.setattr(routing, "prompt_embedding", broken)
+        monkeypatch.setattr(prompts, "prompt_embedding", broken)
         r = await gw.chat("Prove this theorem.")
     if on_error == "fail_closed":
         assert r.status == 500 and r.json()["error"]["code"] == "plugin_error"
@@ -128,7 +128,7 @@ async def test_encoder_failure_follows_the_failure_policy(monkeypatch, on_error)
 
 
 async def test_a_fail_open_policy_whose_start_up_failed_is_flagged_on_every_auto_request():
-    from extproc.config import PluginEntry
+    from extproc.framework.config import PluginEntry
 
     cfg = config_with().model_copy(update={"plugins": [
         PluginEntry(name="semantic_routes", on_error="fail_open", settings={"routes_file": "/nonexistent.yaml"}),

@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 import yaml
 
-from extproc import routing
-from extproc.config import default_config_text, parse_config
-from extproc.memdiag import holdings
-from extproc.testing import GatewayHarness
+from extproc.embeddings import prompt as prompts
+from extproc.framework.config import default_config_text, parse_config
+from extproc.observability.memdiag import holdings
+from extproc.framework.testing import GatewayHarness
 
 WARMUP = 1200  # fills every store to its bound (a third of the requests are stored answers)
 SETTLE = 1200  # traced from here: replaces every entry allocated before tracemalloc started
@@ -116,8 +116,8 @@ class Mix:
 
 @pytest.fixture
 def hash_embedder(monkeypatch):
-    embedder = routing.PromptEmbedder(HashEncoder, cache_entries=EMBEDDINGS)
-    monkeypatch.setattr(routing, "_shared", embedder)
+    embedder = prompts.PromptEmbedder(HashEncoder, cache_entries=EMBEDDINGS)
+    monkeypatch.setattr(prompts, "_shared", embedder)
     return embedder
 
 

@@ -1,4 +1,4 @@
-"""Unit tests for extproc.sse: incremental parsing under every split, encoding."""
+"""Unit tests for extproc.formats.sse: incremental parsing under every split, encoding."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from extproc.sse import DONE, SSEEvent, SSEParser, encode_event
+from extproc.formats.sse import DONE, SSEEvent, SSEParser, encode_event
 
 
 def parse_all(chunks) -> list[SSEEvent]:

@@ -6,7 +6,9 @@ import asyncio
 
 import pytest
 
-from extproc.state import MemoryStore, RedisStore, StoreUnavailable
+from extproc.state.memory import MemoryStore
+from extproc.state.redis_store import RedisStore
+from extproc.state.store import StoreUnavailable
 
 
 async def test_set_get_delete(store):
@@ -87,3 +89,19 @@ async def test_redis_down_raises_store_unavailable_quickly():
     with pytest.raises(StoreUnavailable):
         await s.get("k")
     await s.close()
+
+
+def test_every_lua_script_ships_as_package_data():
+    # Scripts are files (lua/*.lua) read with importlib.resources: a wheel without them would
+    # fail at the first Redis call, so pyproject's package-data must cover each one.
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    scripts = [p.relative_to(root) for top in ("extproc", "extproc_plugins") for p in (root / top).rglob("*.lua")]
+    assert len(scripts) >= 8
+    for path in scripts:
+        top, rest = path.parts[0], "/".join(path.parts[1:])
+        assert any(fnmatch.fnmatch(rest, g) for g in data.get(top, [])), f"{path} is not in package-data"

@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from extproc.state import RedisStore, StoreUnavailable
+from extproc.state.redis_store import RedisStore
+from extproc.state.store import StoreUnavailable
 
 
 async def test_set_nx_only_one_of_many_concurrent_callers_wins(store):

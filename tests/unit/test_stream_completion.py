@@ -12,8 +12,8 @@ import json
 
 import yaml
 
-from extproc.config import default_config_text
-from extproc.testing import GatewayHarness, triton_answer
+from extproc.framework.config import default_config_text
+from extproc.framework.testing import GatewayHarness, triton_answer
 
 ANSWER = "one two three"  # the fake Triton answer: 5 prompt tokens, a completion token per word
 

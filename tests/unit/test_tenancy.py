@@ -7,9 +7,9 @@ import asyncio
 import pytest
 from pydantic import ValidationError
 
-from extproc.api_keys import KeyRing, PepperMissing, hash_key, key_id_of, load_pepper
-from extproc.testing import GatewayHarness
-from extproc_plugins.tenancy import Tenancy
+from extproc_plugins.tenancy.api_keys import KeyRing, PepperMissing, hash_key, key_id_of, load_pepper
+from extproc.framework.testing import GatewayHarness
+from extproc_plugins.tenancy.tenancy import Tenancy
 
 from .budget_helpers import PEPPER, config_with
 
@@ -114,7 +114,7 @@ def test_pepper_is_required(monkeypatch, tmp_path):
 async def test_store_down_is_503_never_a_pass():
     class DownStore:
         async def get_record(self, key):
-            from extproc.state import StoreUnavailable
+            from extproc.state.store import StoreUnavailable
 
             raise StoreUnavailable("down")
 
@@ -127,7 +127,7 @@ async def test_store_down_is_503_never_a_pass():
 
 
 async def test_key_cache_is_bounded():
-    from extproc.state import MemoryStore
+    from extproc.state.memory import MemoryStore
 
     ring = KeyRing(MemoryStore(), PEPPER.encode(), cache_size=10)
     for i in range(25):

@@ -1,4 +1,4 @@
-"""Unit tests for extproc.tokens (offline tiktoken)."""
+"""Unit tests for extproc.formats.tokens (offline tiktoken)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import socket
 
 import pytest
 
-from extproc import tokens
-from extproc.openai_format import ChatMessage as M
+from extproc.formats import tokens
+from extproc.formats.openai import ChatMessage as M
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ import threading
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from extproc.metrics import TritonCollector
+from extproc.observability.metrics import TritonCollector
 
 from ..conftest import free_port
 

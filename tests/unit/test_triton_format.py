@@ -1,4 +1,4 @@
-"""Unit tests for extproc.triton_format: OpenAI <-> Triton generate translation."""
+"""Unit tests for extproc.formats.triton: OpenAI <-> Triton generate translation."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 from openai.types import Completion, CompletionChoice
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from extproc.openai_format import OpenAIError, Usage, parse_request
-from extproc.sse import SSEParser
-from extproc.triton_format import (
+from extproc.formats.openai import OpenAIError, Usage, parse_request
+from extproc.formats.sse import SSEParser
+from extproc.formats.triton import (
     StreamTranslator,
     check_supported,
     error_from_triton,
@@ -474,7 +474,7 @@ def test_stream_error_in_flushed_tail():
 
 
 def test_stream_fail_from_caller():
-    from extproc.openai_format import upstream_error
+    from extproc.formats.openai import upstream_error
 
     t = StreamTranslator(req=chat_req(stream=True), completion_id="c", created=1, model="m")
     t.feed(ev("a"))

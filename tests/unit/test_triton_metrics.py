@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from extproc.triton_metrics import ModelLoad, TritonMetricsClient, TritonMetricsError, parse_metrics  # noqa: E402
+from extproc.observability.triton_metrics import ModelLoad, TritonMetricsClient, TritonMetricsError, parse_metrics  # noqa: E402
 
 # Captured from a real tritonserver (2.51, CPU): 20 single-item requests to "embedder".
 CAPTURED = """# HELP nv_inference_request_success Number of successful inference requests, all batch sizes

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from extproc.trtllm_fill import FillError, PLACEHOLDER_RE, fill_templates, find_placeholders, main  # noqa: E402
+from extproc.commands.trtllm_fill import FillError, PLACEHOLDER_RE, fill_templates, find_placeholders, main  # noqa: E402
 
 from tests.conftest import IN_CI  # noqa: E402
 

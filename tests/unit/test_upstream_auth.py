@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from extproc.cli import main as cli_main
-from extproc.config import ConfigError, default_config_text, parse_config
-from extproc.gateway import TierRegistry
-from extproc.testing import GatewayHarness
+from extproc.commands.cli import main as cli_main
+from extproc.framework.config import ConfigError, default_config_text, parse_config
+from extproc.framework.gateway import TierRegistry
+from extproc.framework.testing import GatewayHarness
 
 CLIENT_AUTH = {"authorization": "Bearer sk-ext-client-key-of-the-gateway"}
 

@@ -10,11 +10,12 @@ import time
 import pytest
 import yaml
 
-from extproc.config import default_config_text, parse_config
-from extproc.metrics import get_metrics
-from extproc.state import MemoryStore, RedisStore
-from extproc.testing import GatewayHarness
-from extproc.usage import JsonlFile, jsonl_files, read_jsonl, read_redis
+from extproc.framework.config import default_config_text, parse_config
+from extproc.observability.metrics import get_metrics
+from extproc.state.memory import MemoryStore
+from extproc.state.redis_store import RedisStore
+from extproc.framework.testing import GatewayHarness
+from extproc.observability.usage import JsonlFile, jsonl_files, read_jsonl, read_redis
 
 from ..conftest import free_port
 

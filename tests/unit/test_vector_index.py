@@ -8,8 +8,10 @@ import uuid
 import numpy as np
 import pytest
 
-from extproc.state import MemoryStore, RedisStore, StoreUnavailable
-from extproc.vector_index import MemoryVectorIndex, RedisVectorIndex, open_vector_index
+from extproc.state.memory import MemoryStore
+from extproc.state.redis_store import RedisStore
+from extproc.state.store import StoreUnavailable
+from extproc_plugins.caching.vector_index import MemoryVectorIndex, RedisVectorIndex, open_vector_index
 
 DIM = 8
 

@@ -12,9 +12,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from extproc.config import load_config
-from extproc.server import SERVICE_NAME, start_worker
-from extproc.testing import triton_answer
+from extproc.framework.config import load_config
+from extproc.serving.server import SERVICE_NAME, start_worker
+from extproc.framework.testing import triton_answer
 
 
 def hmap(**headers) -> base_pb2.HeaderMap:
@@ -156,6 +156,23 @@ async def test_client_internal_headers_are_removed(worker):
     assert removed == {"x-extproc-tier", "x-extproc-tenant"}
 
 
+async def test_a_request_let_through_turns_the_response_phases_on(worker):
+    """Envoy's static mode has the response phases off (so its own local replies, codec errors
+    above all, never wait on the service); the request-headers answer that lets a request through
+    asks for them with mode_override. A refusal carries none."""
+    from extproc.wire.processor import FORWARDED_MODE
+
+    _, channel = worker
+    answers = await exchange(channel, request_phases(chat_body())[:1])
+    assert answers[0].HasField("request_headers")
+    assert answers[0].mode_override == FORWARDED_MODE
+    assert FORWARDED_MODE.response_header_mode == FORWARDED_MODE.SEND
+    assert FORWARDED_MODE.response_body_mode == FORWARDED_MODE.STREAMED
+    refused = await exchange(channel, [pb.ProcessingRequest(request_headers=pb.HttpHeaders(
+        headers=hmap(_method="GET", _path="/nowhere"), end_of_stream=True))])
+    assert refused[0].HasField("immediate_response") and not refused[0].HasField("mode_override")
+
+
 async def test_health_serving_then_not_serving_on_drain():
     config = load_config(None, overrides={"server": {"port": 0}, "plugins": [{"name": "model_tiers"}]})
     running = await start_worker(config)
@@ -171,8 +188,8 @@ async def test_health_serving_then_not_serving_on_drain():
 
 
 async def test_a_bug_in_the_handler_is_answered_never_left_hanging():
-    from extproc.decisions import Reply
-    from extproc.wire import ExternalProcessor, add_to_server
+    from extproc.wire.decisions import Reply
+    from extproc.wire.processor import ExternalProcessor, add_to_server
 
     class Buggy:
         async def request_headers(self, headers, end_of_stream):

@@ -6,9 +6,9 @@ import asyncio
 
 import grpc
 
-from extproc import wire
-from extproc.decisions import Continue, Reply
-from extproc.wire import ExternalProcessor, add_to_server
+from extproc.wire import processor as wire
+from extproc.wire.decisions import Continue, Reply
+from extproc.wire.processor import ExternalProcessor, add_to_server
 
 from .test_wire import chat_body, exchange, request_phases
 
@@ -59,7 +59,7 @@ async def test_fast_phase_sends_no_extension(monkeypatch):
 
 
 def test_extension_matches_envoy_max_message_timeout():
-    from extproc.stack import project_root
+    from extproc.commands.stack import project_root
 
     text = (project_root() / "envoy" / "envoy.yaml").read_text()
     assert f"max_message_timeout: {wire.EXTENDED_MESSAGE_TIMEOUT_SECONDS}s" in text

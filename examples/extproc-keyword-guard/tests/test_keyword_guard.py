@@ -1,6 +1,6 @@
-"""How a plugin author tests a policy: extproc.testing drives the real lifecycle in-process."""
+"""How a plugin author tests a policy: extproc.framework.testing drives the real lifecycle in-process."""
 
-from extproc.testing import GatewayHarness
+from extproc.framework.testing import GatewayHarness
 from extproc_keyword_guard import KeywordGuard
 
 
@@ -23,7 +23,7 @@ async def test_other_prompts_pass_and_are_tagged():
 def test_bad_settings_name_the_key():
     import pytest
 
-    from extproc.config import ConfigError
+    from extproc.framework.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"settings\.blockd: unknown key"):
         GatewayHarness(KeywordGuard, settings={"blockd": ["x"]})

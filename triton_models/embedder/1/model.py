@@ -11,12 +11,12 @@ from pathlib import Path
 
 
 def _extend_sys_path() -> None:
-    # The Python backend stub ignores PYTHONPATH: extproc.tritonserver exports the venv's
+    # The Python backend stub ignores PYTHONPATH: extproc.commands.tritonserver exports the venv's
     # site-packages (and the repository) in EXTPROC_TRITON_SYS_PATH.  The project root (which
     # holds the extproc package) is added too, found from this file's location.
     entries = [p for p in os.environ.get("EXTPROC_TRITON_SYS_PATH", "").split(os.pathsep) if p]
     root = Path(__file__).resolve().parents[3]
-    if (root / "extproc" / "embeddings.py").is_file():
+    if (root / "extproc" / "embeddings" / "encoder.py").is_file():
         entries.append(str(root))
     for p in reversed(entries):
         if p not in sys.path:
@@ -28,7 +28,7 @@ _extend_sys_path()
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from extproc.embeddings import MiniLMEncoder  # noqa: E402
+from extproc.embeddings.encoder import MiniLMEncoder  # noqa: E402
 
 
 class TritonPythonModel:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def _extend_sys_path() -> None:
-    # The Python backend stub ignores PYTHONPATH; extproc.tritonserver exports the venv's
+    # The Python backend stub ignores PYTHONPATH; extproc.commands.tritonserver exports the venv's
     # site-packages in EXTPROC_TRITON_SYS_PATH.  The repository dir holds the reference_llm package.
     entries = [p for p in os.environ.get("EXTPROC_TRITON_SYS_PATH", "").split(os.pathsep) if p]
     entries.append(str(Path(__file__).resolve().parents[2]))

@@ -1,0 +1,303 @@
+"""What policies read of one request's prompt, computed once per request and shared.
+
+* **the text a policy judges** (:func:`route_text`): the last user message of a chat (the prompt of
+  a completion), clipped to :data:`ROUTE_TEXT_CHARS` -- the encoder reads at most 256 word pieces
+  (~1,000 characters) anyway, and tokenizing a 1 MB prompt just to throw most of it away would cost
+  more than the policy itself;
+* **its token count** (:func:`prompt_tokens`), kept in ``ctx.prompt_tokens_estimate``;
+* **one embedding per request** (:func:`prompt_embedding`): the semantic routes, the learned
+  router and the semantic cache all need the MiniLM embedding of the same text; the first to ask
+  computes it (off the event loop, batched with other requests' texts), the others get it from the
+  request, and a small per-process LRU serves repeated prompts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import weakref
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from extproc.framework.context import RequestContext
+
+
+
+ROUTE_TEXT_CHARS = 2000
+"""Characters of the prompt a router looks at (the encoder truncates at 256 word pieces anyway)."""
+
+
+
+EMBEDDING_CACHE_ENTRIES = 4096
+"""Embeddings kept per worker process for repeated prompts (~1.6 KB each: ~7 MB at most)."""
+
+
+
+_EMBEDDING_KEY = "routing.embedding"
+
+
+
+def clip_text(text: str, max_chars: int = ROUTE_TEXT_CHARS) -> str:
+    """``text`` without surrounding whitespace, at most ``max_chars`` characters (its beginning)."""
+    text = text.strip()
+    return text[:max_chars] if len(text) > max_chars else text
+
+
+
+def route_text(ctx: "RequestContext", max_chars: int = ROUTE_TEXT_CHARS) -> str:
+    """The text routers judge: the last user message (chat) or the prompt (completions), clipped."""
+    req = ctx.request
+    if req is None:
+        return ""
+    if req.messages:
+        for message in reversed(req.messages):
+            if message.role == "user":
+                return clip_text(message.text, max_chars)
+        return clip_text(req.messages[-1].text, max_chars)
+    return clip_text(req.prompt or "", max_chars)
+
+
+
+def prompt_tokens(ctx: "RequestContext", encoding: str = "cl100k_base") -> int:
+    """Tokens of the whole prompt (every message), counted once per request.
+
+    Kept in ``ctx.prompt_tokens_estimate`` (another policy may already have set it).
+    """
+    if ctx.prompt_tokens_estimate is None:
+        ctx.prompt_tokens_estimate = _count(ctx, encoding)
+    return ctx.prompt_tokens_estimate
+
+
+
+LARGE_PROMPT_CHARS = 65_536
+"""Prompts longer than this are counted off the event loop (tiktoken: ~45 ms per MB)."""
+
+
+
+async def prompt_tokens_async(ctx: "RequestContext", encoding: str = "cl100k_base") -> int:
+    """:func:`prompt_tokens`, counted in a thread when the prompt is large (the event loop keeps
+    serving other streams meanwhile)."""
+    if ctx.prompt_tokens_estimate is None:
+        req = ctx.request
+        chars = sum(len(m.text) for m in req.messages) if req.messages is not None else len(req.prompt or "")
+        if chars > LARGE_PROMPT_CHARS:
+            count = await asyncio.to_thread(_count, ctx, encoding)
+            if ctx.prompt_tokens_estimate is None:
+                ctx.prompt_tokens_estimate = count
+    return prompt_tokens(ctx, encoding)
+
+
+
+def _count(ctx: "RequestContext", encoding: str) -> int:
+    from extproc.formats import tokens
+
+    req = ctx.request
+    if req.messages is not None:
+        return tokens.count_chat(req.messages, encoding)
+    return tokens.count_text(req.prompt or "", encoding)
+
+
+
+def prompt_tokens_ready(encoding: str = "cl100k_base") -> None:
+    """Load the token counter's tables now (start-up) instead of on the first request (~0.1 s)."""
+    from extproc.formats import tokens
+
+    tokens.get_encoding(encoding)
+
+
+
+class EmbeddingBatcher:
+    """Computes embeddings off the event loop, one thread per process, batching concurrent asks.
+
+    While one batch is being encoded, texts from other requests queue up and go together in the
+    next one (up to ``max_batch``): at 16 concurrent clients the encoder runs a few batches instead
+    of 16 single passes, and the event loop never blocks on NumPy. One thread, because a worker
+    process owns about one core and NumPy already uses it fully.
+    """
+
+    def __init__(self, encode: Callable[[list[str]], np.ndarray], max_batch: int = 32):
+        self._encode = encode
+        self.max_batch = max_batch
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._queues: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopQueue]" = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+        self.batches = 0  #: encoder calls made (for tests and stats)
+
+    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="extproc-embed")
+            return self._executor
+
+    async def encode(self, text: str) -> np.ndarray:
+        """The embedding of one text (float32, unit norm)."""
+        loop = asyncio.get_running_loop()
+        queue = self._queues.get(loop)
+        if queue is None:
+            queue = self._queues[loop] = _LoopQueue()
+        future = loop.create_future()
+        queue.items.append((text, future))
+        if not queue.running:
+            queue.running = True
+            loop.create_task(self._drain(loop, queue))
+        return await future
+
+    async def encode_many(self, texts: Sequence[str]) -> np.ndarray:
+        """Embeddings of many texts in one call (start-up work: example utterances)."""
+        if not texts:
+            return np.zeros((0, 384), np.float32)
+        loop = asyncio.get_running_loop()
+        self.batches += 1
+        return await loop.run_in_executor(self._pool(), self._encode, list(texts))
+
+    async def _drain(self, loop: asyncio.AbstractEventLoop, queue: "_LoopQueue") -> None:
+        try:
+            while queue.items:
+                batch = queue.items[: self.max_batch]
+                del queue.items[: self.max_batch]
+                live = [(t, f) for t, f in batch if not f.done()]
+                if not live:
+                    continue
+                self.batches += 1
+                try:
+                    vectors = await loop.run_in_executor(self._pool(), self._encode, [t for t, _ in live])
+                except BaseException as exc:  # noqa: BLE001 - handed to every waiter
+                    for _, future in live:
+                        if not future.done():
+                            future.set_exception(exc)
+                    if isinstance(exc, asyncio.CancelledError):
+                        raise
+                    continue
+                for (_, future), vector in zip(live, vectors):
+                    if not future.done():
+                        future.set_result(vector)
+        finally:
+            queue.running = False
+
+    def close(self) -> None:
+        with self._lock:
+            if self._executor is not None:
+                self._executor.shutdown(wait=False, cancel_futures=True)
+                self._executor = None
+
+
+
+class _LoopQueue:
+    __slots__ = ("items", "running", "__weakref__")
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, asyncio.Future]] = []
+        self.running = False
+
+
+
+class EmbeddingCache:
+    """Bounded LRU of text -> embedding (per process)."""
+
+    def __init__(self, max_entries: int = EMBEDDING_CACHE_ENTRIES):
+        self.max_entries = max_entries
+        self._data: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, text: str) -> np.ndarray | None:
+        vector = self._data.get(text)
+        if vector is None:
+            self.misses += 1
+            return None
+        self._data.move_to_end(text)
+        self.hits += 1
+        return vector
+
+    def put(self, text: str, vector: np.ndarray) -> None:
+        self._data[text] = vector
+        self._data.move_to_end(text)
+        while len(self._data) > self.max_entries:
+            self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+
+class PromptEmbedder:
+    """The process-wide embedding service of the routing policies (see :func:`prompt_embedder`)."""
+
+    def __init__(self, encoder_factory: Callable[[], object] | None = None, *,
+                 cache_entries: int = EMBEDDING_CACHE_ENTRIES, max_batch: int = 32):
+        if encoder_factory is None:
+            from extproc.embeddings.encoder import get_encoder
+
+            encoder_factory = get_encoder
+        self._factory = encoder_factory
+        self._encoder = None
+        self._encoder_lock = threading.Lock()
+        self.cache = EmbeddingCache(cache_entries)
+        self.batcher = EmbeddingBatcher(self._encode, max_batch=max_batch)
+
+    @property
+    def encoder(self):
+        """The sentence encoder (loaded on first use)."""
+        if self._encoder is None:
+            with self._encoder_lock:
+                if self._encoder is None:
+                    self._encoder = self._factory()
+        return self._encoder
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        return np.asarray(self.encoder.encode(texts), dtype=np.float32)
+
+    def load(self) -> None:
+        """Load the encoder now (start-up) rather than on the first request."""
+        _ = self.encoder
+
+    async def embed_text(self, text: str) -> tuple[np.ndarray, bool]:
+        """``(embedding, computed)``: ``computed`` is False when the cache answered."""
+        vector = self.cache.get(text)
+        if vector is not None:
+            return vector, False
+        vector = await self.batcher.encode(text)
+        self.cache.put(text, vector)
+        return vector, True
+
+    async def embed_many(self, texts: Sequence[str]) -> np.ndarray:
+        """Embeddings of many texts (start-up work; not cached)."""
+        return await self.batcher.encode_many([clip_text(t) for t in texts])
+
+
+_shared: PromptEmbedder | None = None
+
+
+
+_shared_lock = threading.Lock()
+
+
+
+def prompt_embedder() -> PromptEmbedder:
+    """The process-wide :class:`PromptEmbedder` (MiniLM, loaded on first use)."""
+    global _shared
+    if _shared is None:
+        with _shared_lock:
+            if _shared is None:
+                _shared = PromptEmbedder()
+    return _shared
+
+
+
+async def prompt_embedding(ctx: "RequestContext", embedder: PromptEmbedder | None = None) -> np.ndarray:
+    """The embedding of :func:`route_text` for this request, computed at most once per request.
+
+    Counts a computed embedding in ``ctx.embedding_calls`` (a cache hit is free).
+    """
+    held = ctx.plugin_state.get(_EMBEDDING_KEY)
+    if held is not None:
+        return held
+    embedder = embedder or prompt_embedder()
+    vector, computed = await embedder.embed_text(route_text(ctx))
+    if computed:
+        ctx.embedding_calls += 1
+    ctx.plugin_state[_EMBEDDING_KEY] = vector
+    return vector

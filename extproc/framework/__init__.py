@@ -1,0 +1,1 @@
+"""The plugin framework: hookspecs, plugin loading and hook calls, the request context and lifecycle, config."""

@@ -1,0 +1,1 @@
+"""Running the service: worker processes on one port, health, graceful stop."""

@@ -1,0 +1,1 @@
+"""Shared state: one store interface, in memory or on Redis; policies never talk to Redis directly."""

@@ -1,0 +1,1 @@
+"""The ext_proc wire: the stream state machine over Envoy's protobuf types, and the decisions it speaks."""

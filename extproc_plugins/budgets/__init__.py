@@ -1,0 +1,1 @@
+"""Budgets and rate limits: windows, reservations, leased blocks of budget."""

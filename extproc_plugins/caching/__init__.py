@@ -1,0 +1,1 @@
+"""Answering repeats without paying again: idempotency, exact and semantic caches, coalescing."""

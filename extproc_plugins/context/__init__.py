@@ -1,0 +1,1 @@
+"""Context discipline: caps on prompt and completion tokens, retrieval of the passages that fit."""

@@ -1,0 +1,1 @@
+"""Per-request metrics, usage records and the request log."""
