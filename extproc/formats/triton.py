@@ -35,7 +35,7 @@ __all__ = [
     "check_supported",
     "generate_path",
     "generate_body",
-    "translate_generate_response",
+    "gather_stream",
     "error_from_triton",
     "StreamTranslator",
 ]
@@ -117,14 +117,15 @@ def generate_path(model: str, stream: bool) -> str:
     return f"/v2/models/{quote(model, safe='')}/{'generate_stream' if stream else 'generate'}"
 
 
-def generate_body(req: OpenAIRequest, prompt: str, *, default_max_tokens: int) -> bytes:
+def generate_body(req: OpenAIRequest, prompt: str, *, default_max_tokens: int, stream: bool | None = None) -> bytes:
     """The JSON body for Triton's generate endpoints. Optional keys are sent only when the
-    client set them; max_tokens falls back to `default_max_tokens`. A negative seed is
-    mapped to its two's-complement uint64 (Triton's random_seed is unsigned)."""
+    client set them; max_tokens falls back to `default_max_tokens`; ``stream`` (default: the
+    client's) is what the model is asked for. A negative seed is mapped to its two's-complement
+    uint64 (Triton's random_seed is unsigned)."""
     d: dict[str, Any] = {
         "text_input": prompt,
         "max_tokens": req.max_tokens if req.max_tokens is not None else default_max_tokens,
-        "stream": req.stream,
+        "stream": req.stream if stream is None else stream,
     }
     if req.temperature is not None:
         d["temperature"] = req.temperature
@@ -201,7 +202,7 @@ def error_from_triton(status: int, body: bytes) -> OpenAIError:
     return upstream_error(status, msg)
 
 
-def translate_generate_response(
+def gather_stream(
     body: bytes,
     *,
     req: OpenAIRequest,
@@ -212,37 +213,27 @@ def translate_generate_response(
     prompt: str | None = None,
     max_tokens: int | None = None,
 ) -> tuple[bytes, Usage]:
-    """Triton generate JSON -> OpenAI `chat.completion` / `text_completion` JSON and its usage.
+    """A whole Triton generate_stream body (SSE, one event per token) -> the OpenAI
+    ``chat.completion`` / ``text_completion`` JSON a non-streaming client gets, and its usage.
 
-    Token counts come from the model's prompt_tokens/completion_tokens; when it did not
-    report them, `count_tokens` is applied to the output text and to `prompt` (the rendered
-    prompt; default: req.prompt or the message texts), else 0. `max_tokens` is the limit
-    actually sent upstream (default req.max_tokens), used to infer finish_reason when the
-    model did not report one. Raises OpenAIError for an error object or an unparseable body.
-    """
-    try:
-        obj = json.loads(body)
-    except (ValueError, RecursionError):
-        raise upstream_error(502, "the model server returned a response that is not valid JSON") from None
-    if type(obj) is not dict:
-        raise upstream_error(502, "the model server returned a response that is not a JSON object")
-    if "error" in obj:
-        raise upstream_error(500, _error_message(obj))
-    try:
-        text = _text_output(obj.get("text_output"))
-    except TypeError:
-        raise upstream_error(502, "the model server returned a non-string text_output") from None
-    pt = _count(obj.get("prompt_tokens"))
-    ct = _count(obj.get("completion_tokens"))
-    if pt is None:
-        pt = count_tokens(_prompt_text(req, prompt)) if count_tokens else 0
-    if ct is None:
-        ct = count_tokens(text) if count_tokens and text else 0
-    usage = Usage(pt, ct)
-    limit = max_tokens if max_tokens is not None else req.max_tokens
-    finish_reason = _finish(obj.get("finish_reason"), ct, limit)
+    Token counts come from the model's prompt_tokens/completion_tokens; when it did not report
+    them, ``count_tokens`` is applied to the output text and to ``prompt`` (the rendered prompt;
+    default: req.prompt or the message texts), else 0. ``max_tokens`` is the limit actually sent
+    upstream (default req.max_tokens), used to infer finish_reason when the model did not report
+    one. Raises OpenAIError for an
+    error event, an event that is not JSON, or a body with no event at all (a stream cut short
+    before its first token is the model server's failure, not an empty answer)."""
+    t = StreamTranslator(req=req, completion_id=completion_id, created=created, model=model,
+                         count_tokens=count_tokens, prompt=prompt, max_tokens=max_tokens)
+    t.feed(body)
+    t.finish()
+    if t.events == 0:
+        raise upstream_error(502, "the model server ended the stream without sending any event")
+    if t.error is not None:
+        raise t.error
+    text, usage = t.text, t.usage
     build = chat_completion if req.endpoint == "chat" else text_completion
-    out = build(id=completion_id, model=model, created=created, text=text, finish_reason=finish_reason, usage=usage)
+    out = build(id=completion_id, model=model, created=created, text=text, finish_reason=t.finish_reason, usage=usage)
     return dumps(out), usage
 
 
@@ -259,14 +250,14 @@ class StreamTranslator:
     does the same if the upstream stream ended without a finish_reason. An upstream error
     event becomes `data: {"error": {...}}` + `[DONE]`. `[DONE]` is sent exactly once and
     nothing after it. `text` is the completion so far; `last_text` the part of it that the
-    latest feed()/finish() call added. See translate_generate_response for `count_tokens`,
+    latest feed()/finish() call added. See gather_stream for `count_tokens`,
     `prompt` and `max_tokens`.
     """
 
     __slots__ = (
         "req", "completion_id", "created", "model", "count_tokens", "prompt", "max_tokens",
         "usage", "finish_reason", "error", "last_text", "_parts", "_fresh", "_parser", "_prefix", "_chat",
-        "_started", "_closed", "_prompt_tokens", "_completion_tokens",
+        "_started", "_closed", "_prompt_tokens", "_completion_tokens", "events",
     )
 
     def __init__(
@@ -306,6 +297,7 @@ class StreamTranslator:
         self._closed = False
         self._prompt_tokens: int | None = None
         self._completion_tokens: int | None = None
+        self.events = 0  #: upstream events read (``[DONE]`` included)
 
     @property
     def text(self) -> str:
@@ -375,6 +367,7 @@ class StreamTranslator:
         self._closed = True
 
     def _event(self, data: str, out: list[bytes]) -> None:
+        self.events += 1
         if data == "[DONE]":
             return
         try:

@@ -189,7 +189,8 @@ class RequestLifecycle:
             set_headers.append(("x-extproc-degraded", ",".join(ctx.degraded)))
         if end_of_stream:
             await self._finish_response(None)
-        return Continue(set_headers=set_headers, remove_headers=remove)
+        whole = not end_of_stream and getattr(self._response, "whole", False)
+        return Continue(set_headers=set_headers, remove_headers=remove, whole_response_body=whole)
 
     # 4. response body -----------------------------------------------------------------------
     @_timed
@@ -202,7 +203,8 @@ class RequestLifecycle:
         await self._chunk(result.text, result.sent)
         if result.complete:
             await self._finish_response(result.usage, error=result.error)
-        return Continue() if result.body is None else Continue(body=result.body)
+        status = [(":status", str(result.status))] if result.status is not None else []
+        return Continue(set_headers=status) if result.body is None else Continue(set_headers=status, body=result.body)
 
     async def response_trailers(self, trailers: dict[str, str]) -> Decision:
         if self.ctx is not None and self.ctx.outcome == "pending" and self._response is not None:

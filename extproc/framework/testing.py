@@ -55,13 +55,9 @@ class HarnessResult:
         return json.loads(self.upstream_body) if self.upstream_body else None
 
 
-def triton_answer(text: str, *, stream: bool, prompt_tokens: int = 5) -> list[bytes]:
-    """A Triton generate (one JSON) or generate_stream (SSE, one event per word) answer, as body chunks."""
-    if not stream:
-        words = text.split(" ")
-        return [json.dumps({"model_name": "m", "model_version": "1", "text_output": text,
-                            "prompt_tokens": prompt_tokens, "completion_tokens": len(words),
-                            "finish_reason": "stop"}).encode()]
+def triton_answer(text: str, *, prompt_tokens: int = 5) -> list[bytes]:
+    """A Triton generate_stream answer (SSE, one event per word) as body chunks: what Triton
+    sends the gateway, which always asks it to stream (extproc/upstreams/triton.py)."""
     words = text.split(" ")
     chunks = []
     for i, word in enumerate(words):
@@ -148,7 +144,7 @@ class GatewayHarness:
             up_headers.update(dict(decision.set_headers))
             result = HarnessResult(0, {}, b"", life.ctx, upstream_path=up_headers.get(":path"),
                                    upstream_headers=up_headers, upstream_body=decision.body or raw)
-            chunks = upstream_chunks if upstream_chunks is not None else triton_answer(answer, stream=stream)
+            chunks = upstream_chunks if upstream_chunks is not None else triton_answer(answer)
             resp_headers = {":status": str(upstream_status), "content-type": "application/json"}
             decision = await life.response_headers(resp_headers, False)
             if isinstance(decision, Reply):

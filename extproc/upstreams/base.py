@@ -112,6 +112,7 @@ class Translated:
     complete: bool = False  #: the answer is complete (``usage`` or ``error`` below)
     usage: "Usage | None" = None  #: the token usage, once known
     error: bytes | None = None  #: the OpenAI error the client got instead of an answer
+    status: int | None = None  #: the status the client gets instead (a whole body only, see WholeBody)
 
 
 class ResponseTranslator(Protocol):
@@ -151,11 +152,17 @@ class Upstream(Protocol):
 
 
 class WholeBody:
-    """Keeps the chunks until the end of the body, then translates the whole of it once."""
+    """Keeps the chunks until the end of the body, then translates the whole of it once.
+
+    With ``hold_back`` (the body will be replaced) the client gets nothing before the end, so
+    Envoy is asked for the body whole (``whole``: ``Continue.whole_response_body``): it holds the
+    response headers meanwhile, the translation may still set the status, and an upstream that
+    fails half-way is Envoy's error status, not a cut body behind a 200."""
 
     def __init__(self, translate_whole, *, hold_back: bool):
         self._translate_whole = translate_whole
         self._hold_back = hold_back  # send nothing until the end (the body will be replaced)
+        self.whole = hold_back
         self._buffer = bytearray()
 
     def translate(self, chunk: bytes, end_of_stream: bool) -> Translated:

@@ -1,8 +1,14 @@
 """Kind ``triton``: NVIDIA Triton's generate API (``/v2/models/<model>/generate[_stream]``).
 
-The chat is rendered with the tier's chat template into one prompt; Triton's answer (one JSON, or
-SSE with one event per token) is translated into OpenAI's chat/completions JSON or SSE, with usage
-counted by the tier's tokenizer where the model does not report it.
+The chat is rendered with the tier's chat template into one prompt and always sent to
+``generate_stream`` with ``stream: true``, whatever the client asked: Triton then answers with one
+SSE event per token, which the gateway passes on as OpenAI's SSE or, for a client that did not ask
+for a stream, gathers into one chat/completions JSON. A model that stops producing tokens is thus
+seen by Envoy as an idle upstream (the Triton routes' ``per_try_idle_timeout``, envoy/envoy.yaml)
+and answered with a 504 instead of holding the client: Triton's Python backend never fails a
+request whose model process died mid-request (triton-inference-server/server#7862), and a unary
+``generate`` sends no byte before the last token, so a dead model and a long answer looked alike.
+Usage is counted by the tier's tokenizer where the model does not report it.
 """
 
 from __future__ import annotations
@@ -90,8 +96,8 @@ class TritonCall:
         self.max_tokens = req.max_tokens or tier.default_max_tokens
         check_context_window(ctx, self.prompt, self.max_tokens)
         self.upstream = UpstreamRequest(
-            triton_format.generate_path(tier.model, req.stream),
-            triton_format.generate_body(req, self.prompt, default_max_tokens=tier.default_max_tokens),
+            triton_format.generate_path(tier.model, stream=True),
+            triton_format.generate_body(req, self.prompt, default_max_tokens=tier.default_max_tokens, stream=True),
         )
 
     def _translation(self) -> dict:
@@ -114,11 +120,12 @@ class TritonCall:
         return [("content-type", "application/json")], ["content-length"], WholeBody(self._whole, hold_back=True)
 
     def _whole(self, body: bytes) -> Translated:
+        """Every event of the stream, gathered into the one JSON a non-streaming client asked for."""
         try:
-            out, usage = triton_format.translate_generate_response(body, **self._translation())
-        except oai.OpenAIError as err:
+            out, usage = triton_format.gather_stream(body, **self._translation())
+        except oai.OpenAIError as err:  # an error event, or a stream with no event: the error's status
             out = err.to_json()
-            return Translated(body=out, complete=True, error=out)
+            return Translated(body=out, complete=True, error=out, status=err.status)
         return Translated(body=out, sent=out, complete=True, usage=usage)
 
 

@@ -20,12 +20,17 @@ class Continue:
     :param remove_headers: header names to remove.
     :param body: the new body (or body chunk) to send instead; ``None`` leaves it untouched.
     :param clear_route_cache: make Envoy pick the route again after the header changes.
+    :param whole_response_body: (an answer to the response headers only) Envoy holds the response
+        headers and sends the whole body in one message, so that the answer to it may still change
+        the headers (``:status`` included), and an upstream failing before its end is answered by
+        Envoy with an error status instead of a cut body behind a 200.
     """
 
     set_headers: list[tuple[str, str]] = field(default_factory=list)
     remove_headers: list[str] = field(default_factory=list)
     body: bytes | None = None
     clear_route_cache: bool = False
+    whole_response_body: bool = False
 
 
 @dataclass(slots=True)

@@ -51,6 +51,13 @@ FORWARDED_MODE = _Mode(
     request_header_mode=_Mode.SEND, request_body_mode=_Mode.BUFFERED, request_trailer_mode=_Mode.SKIP,
     response_header_mode=_Mode.SEND, response_body_mode=_Mode.STREAMED, response_trailer_mode=_Mode.SEND,
 )
+#: The same, with the response body sent whole (``Continue.whole_response_body``): asked for in
+#: the answer to the response headers of an answer the client gets in one piece. The other mode
+#: ``allowed_override_modes`` admits.
+WHOLE_RESPONSE_MODE = _Mode(
+    request_header_mode=_Mode.SEND, request_body_mode=_Mode.BUFFERED, request_trailer_mode=_Mode.SKIP,
+    response_header_mode=_Mode.SEND, response_body_mode=_Mode.BUFFERED, response_trailer_mode=_Mode.SEND,
+)
 
 
 class StreamHandler(Protocol):
@@ -129,6 +136,9 @@ def _answer(phase: str, decision: Decision) -> pb.ProcessingResponse:
     if phase == "request_headers":  # the request goes on: its response phases are wanted
         return pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common),
                                      mode_override=FORWARDED_MODE)
+    if phase == "response_headers" and decision.whole_response_body:
+        return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=common),
+                                     mode_override=WHOLE_RESPONSE_MODE)
     if phase.endswith("_headers"):
         return pb.ProcessingResponse(**{phase: pb.HeadersResponse(response=common)})
     return pb.ProcessingResponse(**{phase: pb.BodyResponse(response=common)})

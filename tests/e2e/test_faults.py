@@ -193,6 +193,36 @@ def test_kill_triton_then_a_model_process(up, tmp_path):
     assert {o.status for o in report.failed} <= {502, 503, 504}
 
 
+def test_a_model_process_killed_mid_answer_is_a_504_not_a_hang(up, tmp_path):
+    """Triton's Python backend never ends a request whose model process died while generating it
+    (triton-inference-server/server#7862): the client would wait for the route's 600 s. The gateway
+    streams from Triton even for a non-streaming client, so Envoy sees an idle upstream and answers
+    504 (the Triton routes' per_try_idle_timeout, 30 s)."""
+    import concurrent.futures
+
+    import httpx
+
+    proc, ports = up("--models", "llm-small,llm-large")  # large: slow enough to be killed mid-answer
+    pattern = f"{tmp_path}/triton/backends/python/triton_python_backend_stub .*llm-large"
+    body = {"model": "large", "max_tokens": 800, "messages": [{"role": "user", "content": "tell me a long story"}]}
+
+    def ask():
+        t0 = time.monotonic()
+        r = httpx.post(base_url(ports) + "/chat/completions", json=body, timeout=90)
+        return r, time.monotonic() - t0
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(ask)
+        time.sleep(1.5)  # generating by now (about 100 tokens a second on this CPU model)
+        stub = pgrep(pattern)
+        os.kill(int(stub[0]), signal.SIGKILL)
+        r, waited = answer.result()
+    print(f"\n  model process killed mid-answer: {r.status_code} after {waited:.1f} s: {r.text[:160]}")
+    assert r.status_code == 504, r.text
+    assert r.json()["error"]["code"] == "upstream_timeout"
+    assert waited < 45
+
+
 def recent_all_ok(load: SteadyLoad, seconds: float = 1.0) -> bool:
     """Every request answered in the last ``seconds`` of those that have ended was a 200."""
     done = list(load.report.outcomes)

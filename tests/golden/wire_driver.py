@@ -81,7 +81,8 @@ class Exchange:
 
 
 def triton_chunks(text: str, *, stream: bool) -> list[bytes]:
-    return triton_answer(text, stream=stream, prompt_tokens=7)
+    """Triton's answer: generate_stream events whether the client streams or not."""
+    return triton_answer(text, prompt_tokens=7)
 
 
 def openai_chunks(text: str, *, stream: bool) -> list[bytes]:

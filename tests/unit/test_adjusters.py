@@ -41,7 +41,7 @@ async def test_over_soft_budget_moves_one_tier_down():
         within = await gw.chat(LARGE)
     assert tier(down) == "medium" and down.headers["x-extproc-tier-reason"] == "budget_downgrade"
     assert down.ctx.route_trace[-1] == "budget_downgrade: over soft budget: large -> medium"
-    assert down.upstream_path == "/v2/models/llm-medium/generate"
+    assert down.upstream_path == "/v2/models/llm-medium/generate_stream"
     assert tier(mid) == "small"
     assert tier(cheapest) == "small"
     assert cheapest.ctx.route_trace[-1] == "budget_downgrade: over soft budget; small is already the cheapest allowed"
@@ -142,7 +142,7 @@ async def test_deep_queue_spills_to_the_nearest_allowed_tier_and_comes_back():
     assert tier(calm) == "large" and calm.ctx.route_trace[-1] == "load_spill: large queue 3 <= 4"
     assert tier(spilled) == "medium" and spilled.headers["x-extproc-tier-reason"] == "load_spill"
     assert spilled.ctx.route_trace[-1] == "load_spill: large queue 12 > 4: spilled to medium (queue 2)"
-    assert spilled.upstream_path == "/v2/models/llm-medium/generate"
+    assert spilled.upstream_path == "/v2/models/llm-medium/generate_stream"
     assert tier(back) == "large"
 
 

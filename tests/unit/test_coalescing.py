@@ -28,7 +28,7 @@ async def start(gw, body: dict, headers: dict | None = None):
 async def finish(life, answer: str = "the shared answer", *, status: int = 200, stream: bool = False) -> None:
     """Play the upstream's answer and the end of the stream."""
     await life.response_headers({":status": str(status)}, False)
-    chunks = triton_answer(answer, stream=stream) if status == 200 else [b'{"error": "busy"}']
+    chunks = triton_answer(answer) if status == 200 else [b'{"error": "busy"}']
     for i, chunk in enumerate(chunks):
         await life.response_body(chunk, i == len(chunks) - 1)
     await life.stream_closed(False)

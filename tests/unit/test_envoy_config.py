@@ -287,8 +287,9 @@ def test_ext_proc_settings(main_cfg):
     assert ep["allow_mode_override"] is True
     from google.protobuf import json_format
 
-    from extproc.wire.processor import FORWARDED_MODE
-    assert ep["allowed_override_modes"] == [json_format.MessageToDict(FORWARDED_MODE, preserving_proto_field_name=True)]
+    from extproc.wire.processor import FORWARDED_MODE, WHOLE_RESPONSE_MODE
+    assert ep["allowed_override_modes"] == [json_format.MessageToDict(mode, preserving_proto_field_name=True)
+                                            for mode in (FORWARDED_MODE, WHOLE_RESPONSE_MODE)]
     assert ep["failure_mode_allow"] is False
     assert ep["message_timeout"] and ep["max_message_timeout"]
     rules = ep["mutation_rules"]

@@ -116,7 +116,7 @@ async def test_errors_and_aborted_answers_are_never_stored_truncated_length_is()
         assert not (await gw.send(chat_body("a", stream=True))).replied
         length = json.dumps({"text_output": "cut", "prompt_tokens": 1, "completion_tokens": 16,
                              "finish_reason": "length"}).encode()
-        await gw.send(chat_body("l", max_tokens=16), upstream_chunks=[length])
+        await gw.send(chat_body("l", max_tokens=16), upstream_chunks=[b"data: " + length + b"\n\n"])
         hit = await gw.send(chat_body("l", max_tokens=16))
         other_limit = await gw.send(chat_body("l", max_tokens=17))
     assert hit.replied and hit.json()["choices"][0]["finish_reason"] == "length"

@@ -131,7 +131,7 @@ async def test_extproc_choose_tier():
         pinned_forbidden = await gw.chat("short", model="medium")
     assert long.upstream_headers["x-extproc-tier"] == "large"
     assert long.headers["x-extproc-tier-reason"] == "long prompt"
-    assert long.upstream_path == "/v2/models/llm-large/generate"
+    assert long.upstream_path == "/v2/models/llm-large/generate_stream"
     assert short.upstream_headers["x-extproc-tier"] == "small"  # model_tiers: auto -> default
     assert pinned_forbidden.status == 403
     assert pinned_forbidden.json()["error"]["code"] == "model_not_allowed"
@@ -154,7 +154,7 @@ async def test_extproc_adjust_tier():
         kept = await gw.chat("hi", model="small")
     assert OneDown.seen[0] == ("large", ["small", "medium", "large"], None)  # before ctx.tier is set
     assert moved.upstream_headers["x-extproc-tier"] == "medium"
-    assert moved.upstream_path == "/v2/models/llm-medium/generate"
+    assert moved.upstream_path == "/v2/models/llm-medium/generate_stream"
     assert moved.headers["x-extproc-tier-reason"] == "one down"
     assert kept.upstream_headers["x-extproc-tier"] == "small"
     assert kept.headers["x-extproc-tier-reason"] == "pinned"

@@ -51,7 +51,7 @@ async def _one_request(port: int) -> None:
     body = json.dumps({"model": "small", "messages": [{"role": "user", "content": "hi"}]}).encode()
     messages = request_phases(body) + [
         pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=hmap(_status="200"))),
-        pb.ProcessingRequest(response_body=pb.HttpBody(body=triton_answer("one two three", stream=False)[0],
+        pb.ProcessingRequest(response_body=pb.HttpBody(body=b"".join(triton_answer("one two three")),
                                                        end_of_stream=True)),
     ]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) as ch:

@@ -70,7 +70,7 @@ def test_cli_prints_the_decision_chain(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "decision chain:\n  1. semantic_routes: large: nearest large example" in out
     assert "tier: large (model llm-large)   reason: semantic_routes" in out
-    assert "upstream: POST /v2/models/llm-large/generate   (not sent)" in out
+    assert "upstream: POST /v2/models/llm-large/generate_stream   (not sent)" in out
     assert "not run (no say in routing): request_log, usage_records, metrics" in out
     assert main(["route", "--explain", "hi", "--model", "small", "--json", "--config", str(path)]) == 0
     doc = json.loads(capsys.readouterr().out)

@@ -56,7 +56,7 @@ async def test_pinned_reroute_sends_a_forbidden_pin_to_the_nearest_allowed_tier_
         r = await gw.chat("hi", model="large", headers={"x-test-tenant": "free"})
     assert r.status == 200 and tier(r) == "medium"
     assert r.headers["x-extproc-tier-reason"] == "route_rules:free_plan"
-    assert r.upstream_path == "/v2/models/llm-medium/generate"
+    assert r.upstream_path == "/v2/models/llm-medium/generate_stream"
 
 
 async def test_allow_list_keeps_only_the_listed_tiers_for_auto():

@@ -26,7 +26,7 @@ def config() -> dict:
 
 
 async def test_triton_stream_completes_when_the_client_leaves_after_done():
-    events = triton_answer(ANSWER, stream=True)
+    events = triton_answer(ANSWER)
     async with GatewayHarness(config=config()) as gw:
         # the client goes away after the last event, before the empty end-of-stream chunk
         result = await gw.chat("hi", model="small", stream=True, upstream_chunks=[*events, b""],
@@ -38,7 +38,7 @@ async def test_triton_stream_completes_when_the_client_leaves_after_done():
 
 
 async def test_triton_stream_cut_before_done_is_still_aborted():
-    events = triton_answer(ANSWER, stream=True)
+    events = triton_answer(ANSWER)
     async with GatewayHarness(config=config()) as gw:
         result = await gw.chat("hi", model="small", stream=True, upstream_chunks=[*events, b""],
                                abort_after_chunks=len(events) - 1)

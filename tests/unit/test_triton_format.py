@@ -18,7 +18,7 @@ from extproc.formats.triton import (
     error_from_triton,
     generate_body,
     generate_path,
-    translate_generate_response,
+    gather_stream,
 )
 
 
@@ -166,6 +166,30 @@ def test_generate_body_edge_values():
 
 
 # --------------------------------------------------------------------------- non-streamed
+# The gateway always streams from Triton; a client that did not ask for a stream gets the events
+# gathered into one JSON (gather_stream). A decoupled model's one final response is one event.
+
+
+def translate_generate_response(body: bytes, **kw):
+    """One Triton generate JSON, as the single event of a generate_stream answer, gathered."""
+    return gather_stream(b"data: " + body + b"\n\n", **kw)
+
+
+def test_gather_stream_joins_the_events_of_a_stream():
+    out, usage = gather_stream(CHAT_STREAM, req=chat_req(), completion_id="chatcmpl-1", created=5, model="pub")
+    c = ChatCompletion.model_validate_json(out)
+    assert c.choices[0].message.content == "Hello wörld 🙂" and c.choices[0].finish_reason == "stop"
+    assert usage == Usage(7, 3)
+    # a last event without its blank line, and no finish_reason: still gathered, finish inferred
+    out, usage = gather_stream(b'data: {"text_output": "ab", "completion_tokens": 2}', req=chat_req(max_tokens=2),
+                               completion_id="x", created=1, model="m")
+    assert json.loads(out)["choices"][0]["finish_reason"] == "length" and usage.completion_tokens == 2
+
+
+def test_gather_stream_of_nothing_is_the_model_servers_failure():
+    with pytest.raises(OpenAIError) as ei:
+        gather_stream(b"", req=chat_req(), completion_id="x", created=1, model="m")
+    assert ei.value.status == 502 and "without sending any event" in ei.value.message
 
 
 def triton_response(**kw) -> bytes:
@@ -261,7 +285,7 @@ def test_translate_non_ascii():
         (b'{"error": "failed to run model: out of memory"}', 502, "out of memory"),
         (b'{"error": {"message": "nested"}}', 502, "nested"),
         (b"not json", 502, "not valid JSON"),
-        (b"", 502, "not valid JSON"),
+        (b"{", 502, "not valid JSON"),
         (b"[1]", 502, "not a JSON object"),
         (b'{"text_output": 5}', 502, "non-string"),
         (b'{"text_output": {"a": 1}}', 502, "non-string"),

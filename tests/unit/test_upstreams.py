@@ -65,12 +65,18 @@ def test_triton_request_renders_the_chat_and_rewrites_path_and_body():
     assert body["max_tokens"] == 32 and body["stream"] is True
 
 
-def test_triton_json_answer_is_held_back_then_translated_with_usage():
+def test_triton_is_always_asked_to_stream_so_a_silent_model_is_an_idle_upstream():
+    call = TritonUpstream().request(ctx_for(TierConfig(model="llm-small"), CHAT))  # the client did not ask to stream
+    assert call.upstream.path == "/v2/models/llm-small/generate_stream"
+    assert json.loads(call.upstream.body)["stream"] is True
+
+
+def test_triton_events_for_a_non_streaming_client_are_held_back_then_gathered_with_usage():
     tier = TierConfig(model="llm-small")
     call = TritonUpstream().request(ctx_for(tier, CHAT))
     set_h, remove, translator = call.response(200, False)
     assert set_h == [("content-type", "application/json")] and remove == ["content-length"]
-    (whole,) = triton_answer("Hello there", stream=False, prompt_tokens=4)
+    whole = b"".join(triton_answer("Hello there", prompt_tokens=4))
     first = translator.translate(whole[:10], False)
     assert first == Translated(body=b"")  # held back until the end
     last = translator.translate(whole[10:], True)
@@ -85,7 +91,7 @@ def test_triton_stream_events_split_across_chunks_complete_at_done():
     call = TritonUpstream().request(ctx_for(tier, {**CHAT, "stream": True, "stream_options": {"include_usage": True}}))
     set_h, remove, translator = call.response(200, True)
     assert ("content-type", "text/event-stream") in set_h
-    raw = b"".join(triton_answer("one two three", stream=True))
+    raw = b"".join(triton_answer("one two three"))
     pieces = [raw[i:i + 7] for i in range(0, len(raw), 7)]
     results = [translator.translate(p, False) for p in pieces]
     text = "".join(r.text for r in results)
@@ -93,6 +99,16 @@ def test_triton_stream_events_split_across_chunks_complete_at_done():
     assert results[-1].complete and results[-1].usage.completion_tokens == 3  # [DONE] went out
     assert b"data: [DONE]" in b"".join(r.sent for r in results)
     assert not any(r.complete for r in results[:-1])
+
+
+def test_an_error_event_for_a_non_streaming_client_is_an_error_status_not_a_200():
+    call = TritonUpstream().request(ctx_for(TierConfig(model="m"), CHAT))
+    _, _, translator = call.response(200, False)
+    assert translator.whole  # Envoy holds the headers for the whole body: the status can still change
+    result = translator.translate(b'data: {"text_output": "par"}\n\ndata: {"error": "model crashed"}\n\n', True)
+    assert result.complete and result.status == 502 and "model crashed" in json.loads(result.body)["error"]["message"]
+    streamed = TritonUpstream().request(ctx_for(TierConfig(model="m"), {**CHAT, "stream": True})).response(200, True)[2]
+    assert not getattr(streamed, "whole", False)  # a stream goes out as it comes
 
 
 def test_triton_bad_answer_is_an_openai_error():

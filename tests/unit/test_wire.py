@@ -60,7 +60,7 @@ def request_phases(body: bytes):
 
 async def test_every_phase_answered_once_including_an_empty_final_chunk(worker):
     _, channel = worker
-    chunks = triton_answer("one two three", stream=True)
+    chunks = triton_answer("one two three")
     messages = request_phases(chat_body(stream=True)) + [
         pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=hmap(_status="200"))),
         *[pb.ProcessingRequest(response_body=pb.HttpBody(body=c)) for c in chunks],
@@ -84,7 +84,7 @@ async def test_every_phase_answered_once_including_an_empty_final_chunk(worker):
 
 async def test_response_ending_in_trailers_has_its_trailers_answered(worker):
     _, channel = worker
-    chunks = triton_answer("one two", stream=False)
+    chunks = triton_answer("one two")
     messages = request_phases(chat_body()) + [
         pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=hmap(_status="200"))),
         *[pb.ProcessingRequest(response_body=pb.HttpBody(body=c)) for c in chunks],  # none ends the stream
@@ -105,7 +105,7 @@ async def test_the_service_ends_the_stream_after_the_last_message_without_waitin
         assert (await call.read()).WhichOneof("response") == m.WhichOneof("request")
     await call.write(pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=hmap(_status="200"))))
     await call.read()
-    body = b"".join(triton_answer("done", stream=False))
+    body = b"".join(triton_answer("done"))
     await call.write(pb.ProcessingRequest(response_body=pb.HttpBody(body=body, end_of_stream=True)))
     assert (await call.read()).WhichOneof("response") == "response_body"
     # No done_writing() from the client: the server finishes on its own.
@@ -115,7 +115,7 @@ async def test_the_service_ends_the_stream_after_the_last_message_without_waitin
 
 async def test_sse_event_split_across_two_chunks_is_translated(worker):
     _, channel = worker
-    whole = b"".join(triton_answer("alpha beta", stream=True))
+    whole = b"".join(triton_answer("alpha beta"))
     cut = whole.index(b"beta") - 3  # inside the second event's JSON
     messages = request_phases(chat_body(stream=True)) + [
         pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=hmap(_status="200"))),
