@@ -290,6 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     loadtest.add_arguments(lt)
     lt.set_defaults(func=loadtest.run)
 
+    from extproc.commands import simulate
+
+    sim = sub.add_parser("simulate", help="the growth lab's capacity simulator: GPU replica pools over a day at "
+                         "scale factors, static against HPA autoscaling (extproc/lab/simulate/)")
+    simulate.add_arguments(sim)
+    sim.set_defaults(func=simulate.run)
+
     from extproc.commands.route import add_route_parsers
 
     add_route_parsers(sub)  # extproc route --explain, extproc router train|eval

@@ -16,22 +16,19 @@ the tier), in worker processes. Static provisioning sizes each tier on the busie
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from extproc.lab.simulate.autoscalers import (CpuModel, HpaConfig, ScalingRule, StaticPolicy, cpu_policy,
                                               inflight_policy, queue_policy, size_static)
-from extproc.lab.simulate.config import ConfigError, SimConfig, load_config
+from extproc.lab.simulate.config import ConfigError, SimConfig
 from extproc.lab.simulate.model import TierRun, percentile, simulate_tier
 from extproc.lab.simulate.service_curves import (MEASURED_REFERENCE, ServiceCurve, curves_from_bench, load_bench,
                                                  load_profiles)
@@ -210,6 +207,7 @@ class PolicyResult:
     p50_ttft_s: float
     p95_ttft_s: float
     slo_share: float  #: requests whose TTFT is within the SLO
+    worst_tier_p95_ttft_s: float  #: the highest per-tier p95 TTFT (each tier is its own pool and SLO)
     idle_share: float  #: replica-seconds with no sequence / replica-seconds billed
     slot_utilisation: float  #: occupied slot-seconds / (replica-seconds × max_seqs)
     replicas_mean: float
@@ -285,15 +283,18 @@ def _aggregate(policy: str, scale: float, parts: list[dict[str, Any]], config: S
     return PolicyResult(
         policy=policy, scale=scale, requests=requests, gpu_hours=gpu_h, cost_usd=cost,
         cost_per_request=cost / requests if requests else math.nan, p50_ttft_s=p50, p95_ttft_s=p95,
-        slo_share=share, idle_share=1.0 - busy_s / rep_s if rep_s else math.nan,
+        slo_share=share,
+        worst_tier_p95_ttft_s=max((t["p95_ttft_s"] for t in tiers.values()), default=math.nan),
+        idle_share=1.0 - busy_s / rep_s if rep_s else math.nan,
         slot_utilisation=slot_s / slot_cap if slot_cap else math.nan,
         replicas_mean=rep_s / (config.day_hours * 3600.0),
         replicas_max=int(series.max()) if series is not None and len(series) else 0,
         series_t=list(t), series_replicas=[int(x) for x in series] if series is not None else [], tiers=tiers)
 
 
-def simulate(config: SimConfig, *, progress=None) -> SimResult:
-    """Run every (scale, policy) of ``config`` (tiers in parallel worker processes)."""
+def simulate(config: SimConfig, *, progress: Callable[[dict[str, Any]], None] | None = None) -> SimResult:
+    """Run every (scale, tier, policy) of ``config`` (in ``config.workers`` processes, default one per
+    core; ``progress`` is called with each finished part)."""
     t0 = time.perf_counter()
     specs = tier_specs(config)
     tasks = [(s, spec, pol) for s in sorted(config.scales, reverse=True) for spec in specs for pol in config.policies]
@@ -325,145 +326,3 @@ def simulate(config: SimConfig, *, progress=None) -> SimResult:
                                "peak_tokens_per_s": sp.curve.peak_tokens_per_s, "share": sp.share,
                                "sources": dict(sp.curve.sources)} for sp in specs}
     return SimResult(cfg, results, time.perf_counter() - t0)
-
-
-# --- output ---------------------------------------------------------------------------------------
-
-
-def _fmt_s(x: float) -> str:
-    if x is None or math.isnan(x):
-        return "-"
-    if math.isinf(x):
-        return "inf"
-    return f"{x * 1000:.0f} ms" if x < 1 else f"{x:.2f} s"
-
-
-def print_tables(result: SimResult, console=None, per_tier: bool = False) -> None:
-    """The result as rich tables."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console()
-    cfg = result.config
-    table = Table(title=f"Capacity simulation: a {cfg['day_hours']:g} h day, TTFT SLO p{cfg['slo_quantile']:g} "
-                        f"<= {cfg['slo_ttft_s']:g} s", title_justify="left")
-    for col, just in (("scale", "right"), ("policy", "left"), ("requests", "right"), ("GPU-h/day", "right"),
-                      ("vs static", "right"), ("$/request", "right"), ("p50 TTFT", "right"), ("p95 TTFT", "right"),
-                      ("within SLO", "right"), ("idle", "right"), ("slots used", "right"),
-                      ("replicas mean / max", "right")):
-        table.add_column(col, justify=just)
-    for r in result.results:
-        try:
-            vs = f"{-100 * result.saving(r.policy, r.scale):+.0f}%" if r.policy != "static" else ""
-        except KeyError:
-            vs = ""
-        table.add_row(f"{r.scale:g}x", r.policy, f"{r.requests:,}", f"{r.gpu_hours:,.1f}", vs,
-                      f"${r.cost_per_request:.5f}", _fmt_s(r.p50_ttft_s), _fmt_s(r.p95_ttft_s),
-                      f"{100 * r.slo_share:.1f}%", f"{100 * r.idle_share:.0f}%", f"{100 * r.slot_utilisation:.0f}%",
-                      f"{r.replicas_mean:.1f} / {r.replicas_max}")
-    console.print(table)
-    if per_tier:
-        t2 = Table(title="Per tier", title_justify="left")
-        for col in ("scale", "policy", "tier", "replica", "GPU-h", "p95 TTFT", "within SLO", "idle",
-                    "replicas mean / max", "static sizing"):
-            t2.add_column(col)
-        for r in result.results:
-            for name, t in r.tiers.items():
-                sz = t.get("static_sizing")
-                t2.add_row(f"{r.scale:g}x", r.policy, name, t["curve"], f"{t['gpu_hours']:,.1f}", _fmt_s(t["p95_ttft_s"]),
-                           f"{100 * t['slo_share']:.1f}%", f"{100 * t['idle_share']:.0f}%",
-                           f"{t['replicas_mean']:.1f} / {t['replicas_max']}",
-                           f"{sz['replicas']} (p95 {_fmt_s(sz['p95_ttft_s'])}{'' if sz['met'] else ', SLO missed'})"
-                           if sz else "")
-        console.print(t2)
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(type(o).__name__)
-
-
-def _finite(o: Any) -> Any:
-    if isinstance(o, float) and not math.isfinite(o):
-        return None if math.isnan(o) else ("inf" if o > 0 else "-inf")
-    if isinstance(o, dict):
-        return {k: _finite(v) for k, v in o.items()}
-    if isinstance(o, list):
-        return [_finite(v) for v in o]
-    return o
-
-
-def write_json(result: SimResult, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(_finite(result.to_dict()), default=_json_default, indent=1) + "\n")
-
-
-# --- command --------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments of ``extproc simulate``."""
-    parser.add_argument("config", nargs="?", default=str(EXAMPLE),
-                        help=f"simulation config, YAML or JSON (default: the shipped example, {EXAMPLE.name})")
-    parser.add_argument("--out", metavar="FILE", help="write the results as JSON here")
-    parser.add_argument("--scales", help="scale factors, comma-separated (default: the config's)")
-    parser.add_argument("--policies", help="policies, comma-separated: static, cpu, queue (default: the config's)")
-    parser.add_argument("--day-hours", type=float, help="length of the day (default: the config's, 24)")
-    parser.add_argument("--seed", type=int, help="seed (default: the config's)")
-    parser.add_argument("--mix", metavar="FILE", help="the load runner's post-policy mix (JSON/YAML)")
-    parser.add_argument("--curves", metavar="FILE", help="measured curves (bench_triton_tiers.py JSON or its table)")
-    parser.add_argument("--workers", type=int, help="worker processes (default: one per core)")
-    parser.add_argument("--per-tier", action="store_true", help="also print the per-tier table")
-
-
-def _apply_args(config: SimConfig, args: argparse.Namespace) -> SimConfig:
-    changes: dict[str, Any] = {}
-    if args.scales:
-        changes["scales"] = [float(x) for x in args.scales.split(",") if x.strip()]
-    if args.policies:
-        changes["policies"] = [x.strip() for x in args.policies.split(",") if x.strip()]
-    for key in ("day_hours", "seed", "workers"):
-        if getattr(args, key, None) is not None:
-            changes[key] = getattr(args, key)
-    if args.mix:
-        changes["mix_file"] = str(Path(args.mix).resolve())
-    if args.curves:
-        changes["curves_file"] = str(Path(args.curves).resolve())
-    if not changes:
-        return config
-    from extproc.lab.simulate.config import parse_config
-    data = config.model_dump()
-    data.update(changes)
-    base = data.pop("base_dir")
-    return parse_config(data, "command line", base)
-
-
-def run(args: argparse.Namespace) -> int:
-    """``extproc simulate``: returns the exit status."""
-    try:
-        config = _apply_args(load_config(args.config), args)
-        print(f"simulating {len(config.scales)} scale(s) x {len(config.policies)} policies x "
-              f"{len(config.tiers)} tiers, a {config.day_hours:g} h day ...", file=sys.stderr)
-        result = simulate(config)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"extproc simulate: {exc}", file=sys.stderr)
-        return 2
-    print_tables(result, per_tier=args.per_tier)
-    print(f"simulated in {result.seconds:.1f} s", file=sys.stderr)
-    if args.out:
-        write_json(result, args.out)
-        print(f"wrote {args.out}", file=sys.stderr)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m extproc.lab.simulate.run [config] [--out FILE] ...``"""
-    parser = argparse.ArgumentParser(prog="extproc simulate", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
