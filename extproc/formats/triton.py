@@ -202,19 +202,10 @@ def error_from_triton(status: int, body: bytes) -> OpenAIError:
     return upstream_error(status, msg)
 
 
-def gather_stream(
-    body: bytes,
-    *,
-    req: OpenAIRequest,
-    completion_id: str,
-    created: int,
-    model: str,
-    count_tokens: CountTokens | None = None,
-    prompt: str | None = None,
-    max_tokens: int | None = None,
-) -> tuple[bytes, Usage]:
+def gather_stream(body: bytes, **translation: Any) -> tuple[bytes, Usage]:
     """A whole Triton generate_stream body (SSE, one event per token) -> the OpenAI
-    ``chat.completion`` / ``text_completion`` JSON a non-streaming client gets, and its usage.
+    ``chat.completion`` / ``text_completion`` JSON a non-streaming client gets, and its usage;
+    ``translation``: :class:`StreamTranslator`'s keyword arguments.
 
     Token counts come from the model's prompt_tokens/completion_tokens; when it did not report
     them, ``count_tokens`` is applied to the output text and to ``prompt`` (the rendered prompt;
@@ -223,8 +214,7 @@ def gather_stream(
     one. Raises OpenAIError for an
     error event, an event that is not JSON, or a body with no event at all (a stream cut short
     before its first token is the model server's failure, not an empty answer)."""
-    t = StreamTranslator(req=req, completion_id=completion_id, created=created, model=model,
-                         count_tokens=count_tokens, prompt=prompt, max_tokens=max_tokens)
+    t = StreamTranslator(**translation)
     t.feed(body)
     t.finish()
     if t.events == 0:
@@ -232,8 +222,9 @@ def gather_stream(
     if t.error is not None:
         raise t.error
     text, usage = t.text, t.usage
-    build = chat_completion if req.endpoint == "chat" else text_completion
-    out = build(id=completion_id, model=model, created=created, text=text, finish_reason=t.finish_reason, usage=usage)
+    build = chat_completion if t.req.endpoint == "chat" else text_completion
+    out = build(id=t.completion_id, model=t.model, created=t.created, text=text, finish_reason=t.finish_reason,
+                usage=usage)
     return dumps(out), usage
 
 

@@ -204,7 +204,7 @@ class RequestLifecycle:
         if result.complete:
             await self._finish_response(result.usage, error=result.error)
         status = [(":status", str(result.status))] if result.status is not None else []
-        return Continue(set_headers=status) if result.body is None else Continue(set_headers=status, body=result.body)
+        return Continue(set_headers=status, body=result.body)  # body None: the chunk goes on unchanged
 
     async def response_trailers(self, trailers: dict[str, str]) -> Decision:
         if self.ctx is not None and self.ctx.outcome == "pending" and self._response is not None:
