@@ -129,7 +129,7 @@ def test_a_killed_service_and_a_killed_triton_are_restarted(tmp_path):
 
 def test_a_dead_model_process_is_a_503_then_reloaded(tmp_path):
     proc, ports, banner = start_up(tmp_path)
-    said_so: list[str] = []
+    heard = Heard(proc)
     try:
         assert "llm-extproc is up" in banner, banner
         assert chat(ports, "before").status_code == 200
@@ -138,7 +138,7 @@ def test_a_dead_model_process_is_a_503_then_reloaded(tmp_path):
         os.kill(int(stub[0]), signal.SIGKILL)
         statuses = set()
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and "reloading" not in (line := said_nowait(proc)):
+        while time.monotonic() < deadline and "reloading" not in heard.text():
             r = chat(ports, "while it is down", timeout=10)
             statuses.add(r.status_code)
             if r.status_code != 200:
@@ -147,20 +147,36 @@ def test_a_dead_model_process_is_a_503_then_reloaded(tmp_path):
         assert 503 in statuses
         assert until(lambda: chat(ports, "after the reload").status_code == 200, 60)
         # The model can answer a moment before `up` says so (it prints at its next look, ~1 s).
-        said_so.append(line)
-        until(lambda: said_so.append(said_nowait(proc)) or "llm-small reloaded" in "".join(said_so), 30)
+        until(lambda: "llm-small reloaded" in heard.text(), 30)
     finally:
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
-    out = "".join(said_so) + out
+        proc.wait(timeout=60)
+    out = heard.text(wait=10)
     assert "llm-small fails its health check" in out and "llm-small reloaded" in out, out
     assert proc.returncode == 0
     assert leftovers(tmp_path, ports) == []
 
 
-def said_nowait(proc) -> str:
-    """A line `extproc up` has said, if one is waiting (else "")."""
-    import select
+class Heard:
+    """Everything `extproc up` says from now on, read by a thread as it comes.
 
-    ready, _, _ = select.select([proc.stdout], [], [], 0)
-    return proc.stdout.readline() if ready else ""
+    (A ``select`` on the pipe before ``readline`` misses lines that arrived together: the first
+    ``readline`` pulls both into the text buffer, where ``select`` cannot see the second and
+    ``communicate`` never reads it. CI lost "llm-small reloaded" that way.)"""
+
+    def __init__(self, proc):
+        import threading
+
+        self._lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, args=(proc.stdout,), daemon=True)
+        self._reader.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self._lines.append(line)
+
+    def text(self, wait: float = 0.0) -> str:
+        """What was said so far (after waiting up to ``wait`` seconds for the output to end)."""
+        if wait:
+            self._reader.join(wait)
+        return "".join(self._lines)
