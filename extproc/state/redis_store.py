@@ -1,28 +1,126 @@
-"""The store on Redis (plain Redis: no modules needed), shared by every worker and gateway."""
+"""The store on Redis (plain Redis: no modules needed), shared by every worker and gateway.
+
+Single node (``redis://host:port/db``, ``rediss://``, ``unix://``) or **Redis Cluster**
+(``redis+cluster://host:port[,host:port...]``, ``rediss+cluster://`` with TLS): the ``+cluster``
+scheme makes the client :class:`redis.asyncio.cluster.RedisCluster`, started from those nodes
+(any of the masters or replicas; the rest of the cluster is discovered). On a cluster every
+multi-key operation must touch keys of one hash slot: the key schemes put a hash tag in braces
+(``bud:{tenant}:...``, ``vx:{scope}:...``) so each script's keys share a slot while different
+tenants and scopes spread over the cluster; :meth:`RedisStore.get_many` splits its keys per slot.
+A ``key_prefix`` must not itself contain ``{`` (it would put every key in one slot).
+
+A cluster's errors (nodes down, ``CLUSTERDOWN``, ``MOVED``/``ASK`` while a replica is promoted,
+no node reachable) raise :class:`~extproc.state.store.StoreUnavailable` like a single node that is
+gone, after a bounded retry (:data:`CLUSTER_RETRIES` retries, ``timeout`` per attempt), so policies
+degrade exactly as they do for a single-node outage and no request waits on the cluster for long.
+"""
 
 from __future__ import annotations
 
 from typing import Sequence
+from urllib.parse import urlsplit
 
 from extproc.state.lua import script
 from extproc.state.store import StoreUnavailable
 
 
+#: Retries of a cluster command after a connection error, a timeout or ``CLUSTERDOWN`` (each
+#: attempt bounded by the store's ``timeout``; 0.25 s more before one after ``CLUSTERDOWN``): enough
+#: to ride over a replica's promotion being noticed, never long enough to hang a request.
+CLUSTER_RETRIES = 2
+
+#: The URL schemes that mean "a Redis Cluster": ``redis+cluster://h:p[,h:p]``.
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
+def hash_tag(key: str) -> str | None:
+    """The hash tag of ``key`` as Redis Cluster reads it (the text in the first ``{...}``, when
+    not empty), or None: only that part is hashed, so keys with one tag share a slot."""
+    start = key.find("{")
+    if start < 0:
+        return None
+    end = key.find("}", start + 1)
+    return key[start + 1:end] if end > start + 1 else None
+
+
+def is_cluster_url(url: str | None) -> bool:
+    """Whether ``url`` names a Redis Cluster (``redis+cluster://`` or ``rediss+cluster://``)."""
+    return bool(url) and url.split("://", 1)[0].lower() in CLUSTER_SCHEMES
+
+
+def cluster_nodes(url: str) -> tuple[str, list[tuple[str, int]]]:
+    """``(plain URL of the first node, [(host, port), ...])`` of a ``redis+cluster://`` URL.
+
+    The user, password and query of the URL (``?ssl_cert_reqs=...``) apply to every node."""
+    scheme, rest = url.split("://", 1)
+    parts = urlsplit(f"{CLUSTER_SCHEMES[scheme.lower()]}://{rest}")
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    nodes = []
+    for hostport in hosts.split(","):
+        host, _, port = hostport.strip().rpartition(":")
+        if not host:
+            host, port = hostport.strip(), "6379"
+        nodes.append((host.strip("[]"), int(port)))
+    if not nodes or not nodes[0][0]:
+        raise ValueError(f"state.redis_url: no node in {url!r} (redis+cluster://host:port[,host:port])")
+    netloc = (userinfo + "@" if userinfo else "") + f"{nodes[0][0]}:{nodes[0][1]}"
+    first = f"{parts.scheme}://{netloc}{parts.path if parts.path not in ('', '/0') else ''}"
+    return first + (f"?{parts.query}" if parts.query else ""), nodes
+
+
+def cluster_client(url: str, *, timeout: float, max_connections: int):
+    """A :class:`redis.asyncio.cluster.RedisCluster` for a ``redis+cluster://`` URL, with bounded retries."""
+    from redis.asyncio.cluster import ClusterNode, RedisCluster
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialBackoff
+
+    first, nodes = cluster_nodes(url)
+    return RedisCluster.from_url(
+        first, startup_nodes=[ClusterNode(h, p) for h, p in nodes], max_connections=max_connections,
+        socket_timeout=timeout, socket_connect_timeout=timeout,
+        retry=Retry(ExponentialBackoff(cap=0.1, base=0.02), CLUSTER_RETRIES))
+
+
+def sync_client(url: str, timeout: float = 5.0):
+    """A blocking client for ``url`` (a single node or a ``redis+cluster://`` cluster), for commands."""
+    if is_cluster_url(url):
+        from redis.cluster import ClusterNode, RedisCluster
+
+        first, nodes = cluster_nodes(url)
+        return RedisCluster.from_url(first, startup_nodes=[ClusterNode(h, p) for h, p in nodes],
+                                     socket_timeout=timeout, socket_connect_timeout=timeout)
+    import redis
+
+    return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+
+
 class RedisStore:
-    """The same interface on Redis (plain Redis: no modules needed)."""
+    """The same interface on Redis (plain Redis: no modules needed), a single node or a cluster.
+
+    :param url: ``redis://``, ``rediss://``, ``unix://`` (one node) or ``redis+cluster://host:port[,...]``.
+    :param max_connections: a single node's pool size (past it a command waits for a free
+        connection); on a cluster the per-node limit is 8 times higher, since redis-py's cluster
+        client raises instead of waiting.
+    """
 
     def __init__(self, url: str, prefix: str = "extproc:", timeout: float = 0.5, max_connections: int = 64):
         import redis.asyncio as redis
+        from redis.exceptions import RedisClusterException
 
         self.prefix = prefix
-        # A blocking pool: past max_connections a command waits for a free connection (commands
-        # take well under a millisecond) instead of failing with "Too many connections" when a
-        # worker has more requests in flight than connections.
-        pool = redis.BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=max(2.0, 4 * timeout),
-            socket_timeout=timeout, socket_connect_timeout=timeout)
-        self._redis = redis.Redis(connection_pool=pool)
-        self._errors = (redis.RedisError, OSError)
+        self.cluster = is_cluster_url(url)
+        if self.cluster:
+            self._redis = cluster_client(url, timeout=timeout, max_connections=8 * max_connections)
+        else:
+            # A blocking pool: past max_connections a command waits for a free connection (commands
+            # take well under a millisecond) instead of failing with "Too many connections" when a
+            # worker has more requests in flight than connections.
+            pool = redis.BlockingConnectionPool.from_url(
+                url, max_connections=max_connections, timeout=max(2.0, 4 * timeout),
+                socket_timeout=timeout, socket_connect_timeout=timeout)
+            self._redis = redis.Redis(connection_pool=pool)
+        # RedisClusterException (no node reachable, slot not covered) is not a RedisError
+        self._errors = (redis.RedisError, RedisClusterException, OSError)
         self._scripts: dict = {}
         self._on_close: list = []  # connections of its own that others opened (reservation lanes)
 
@@ -114,6 +212,8 @@ class RedisStore:
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         if not keys:
             return []
+        if self.cluster:  # one MGET per slot (keys of several slots: CROSSSLOT otherwise)
+            return await self._do(self._redis.mget_nonatomic([self.prefix + k for k in keys]))
         return await self._do(self._redis.mget([self.prefix + k for k in keys]))
 
     async def put_record(self, key: str, value: bytes) -> None:

@@ -3,7 +3,9 @@
 Policies never talk to Redis directly: they get :attr:`Gateway.store <extproc.framework.gateway.Gateway.store>`,
 which is a :class:`~extproc.state.memory.MemoryStore` (one process; the embedded default) or a
 :class:`~extproc.state.redis_store.RedisStore` (shared by every worker and every gateway instance)
-depending on ``state.redis_url``. Both offer the same operations: bytes values with a TTL, atomic
+depending on ``state.redis_url`` (one Redis node, or a Redis Cluster with
+``redis+cluster://host:port[,host:port]``: keys one operation touches together share a hash tag,
+see :mod:`extproc.state.redis_store`). Both offer the same operations: bytes values with a TTL, atomic
 counters, compare-and-set locks, capped logs, and records that are never evicted.
 
 Operations a policy family needs atomically over several keys live with that family, on top of

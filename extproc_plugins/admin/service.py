@@ -83,7 +83,19 @@ class AdminService(pb_grpc.AdminServicer):
                                 f"subject: a scope ({', '.join(SCOPES)}) and an id are needed")
         if scope == "workflow" and "/" not in message.id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "subject.id: a workflow is '<tenant>/<workflow>'")
+        if scope == "api_key":  # its counters and settings are under its tenant's hash tag
+            return Subject(scope, message.id, await self._key_tenant(message.id, context))
         return Subject(scope, message.id)
+
+    async def _key_tenant(self, key_id: str, context) -> str | None:
+        """The tenant of an API key (configured or created), None when the key is unknown here."""
+        if self.keys is None:
+            return None
+        for record in self.keys.configured.values():
+            if record.id == key_id:
+                return record.tenant
+        record = await self._store_call(context, self.keys.get(key_id))
+        return record.tenant if record is not None else None
 
     async def _keys(self, context) -> KeyRing:
         if self.keys is None:

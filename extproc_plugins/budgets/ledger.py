@@ -139,8 +139,11 @@ def _quoted(subject: str) -> str:
     return quote(subject, safe="")
 
 
-def counter_key(scope: str, subject: str, metric: str, window: str, bucket: str) -> str:
-    return f"bud:{scope}:{_quoted(subject)}:{metric}:{window}:{bucket}"
+def counter_key(scope: str, subject: str, metric: str, window: str, bucket: str, tag: str | None = None) -> str:
+    """``bud:{<tag>}:<scope>:<subject>:<metric>:<window>:<bucket>``; the tag (the tenant, see
+    :meth:`Subject.tag`) in braces is a Redis Cluster hash tag: every counter one request
+    reserves hashes to one slot, so one script can check and charge them all."""
+    return f"bud:{{{_quoted(subject if tag is None else tag)}}}:{scope}:{_quoted(subject)}:{metric}:{window}:{bucket}"
 
 
 _bounds_cache: tuple[int, dict] = (-1, {})
@@ -157,28 +160,43 @@ def all_window_bounds(now: float) -> dict[str, tuple[str, float, float]]:
     return bounds
 
 
-def settings_key(scope: str, subject: str) -> str:
-    return f"budgetcfg:{scope}:{quote(subject, safe='')}"
+def settings_key(scope: str, subject: str, tag: str | None = None) -> str:
+    """``budgetcfg:{<tag>}:<scope>:<subject>``: a guard of the reservation script, so in its slot."""
+    return f"budgetcfg:{{{_quoted(subject if tag is None else tag)}}}:{scope}:{_quoted(subject)}"
 
 
 @dataclass(slots=True, frozen=True)
 class Subject:
+    """Who is charged. ``tenant`` is the tenant an API key belongs to (``api_key`` scope only):
+    its counters share the tenant's hash slot, so a request's reservation is one script."""
+
     scope: str
     id: str
+    tenant: str | None = None
+
+    @property
+    def tag(self) -> str:
+        """The hash tag of this subject's keys: its tenant (a workflow's is the part before ``/``;
+        an API key's is its tenant when known, else the key id)."""
+        if self.scope == "tenant":
+            return self.id
+        if self.scope == "workflow":
+            return self.id.split("/", 1)[0]
+        return self.tenant or self.id
 
     def describe(self) -> str:
         return f"{self.scope.replace('_', ' ')} {self.id!r}"
 
 
 def subjects_of(tenant: str | None, workflow: str | None, api_key_id: str | None) -> list[Subject]:
-    """The subjects a request is charged to."""
+    """The subjects a request is charged to (all with one :attr:`Subject.tag`: the tenant)."""
     out = []
     if tenant:
         out.append(Subject("tenant", tenant))
         if workflow:
             out.append(Subject("workflow", f"{tenant}/{workflow}"))
     if api_key_id:
-        out.append(Subject("api_key", api_key_id))
+        out.append(Subject("api_key", api_key_id, tenant or None))
     return out
 
 
@@ -264,7 +282,7 @@ class BudgetLedger:
             else:
                 missing.append(s)
         if missing:
-            values = await self.store.get_records([settings_key(s.scope, s.id) for s in missing])
+            values = await self.store.get_records([settings_key(s.scope, s.id, s.tag) for s in missing])
             if len(self._cache) + len(missing) > self.cache_size:
                 self._cache.clear()
             for s, raw in zip(missing, values):
@@ -285,7 +303,7 @@ class BudgetLedger:
 
     async def set_limits(self, subject: Subject, limits: Limits | None) -> None:
         """Set (or with None, remove) a subject's override; the next admission anywhere applies it."""
-        key = settings_key(subject.scope, subject.id)
+        key = settings_key(subject.scope, subject.id, subject.tag)
         if limits is None:
             await self.store.delete_record(key)
         else:
@@ -306,7 +324,7 @@ class BudgetLedger:
                     limit = limits.limit(metric, window) if limits is not None else None
                     if limit is None and window not in tracked:
                         continue
-                    key = counter_key(subject.scope, subject.id, metric, window, bucket)
+                    key = counter_key(subject.scope, subject.id, metric, window, bucket, subject.tag)
                     out.append((key, Planned(subject, metric, window, limit, end)))
         return out
 
@@ -317,6 +335,8 @@ class BudgetLedger:
         hit = self._plans.get(key)
         if hit is not None:
             return hit
+        # Subjects of several tags (an API key Subject made without its tenant) work on one node;
+        # on a cluster that reservation is CROSSSLOT (StoreUnavailable). subjects_of never does it.
         seen = [self._seen.get(s) for s in subjects]
         limits = {s: self._effective(s, Limits.model_validate_json(raw) if raw else None)
                   for s, raw in zip(subjects, seen)}
@@ -324,7 +344,7 @@ class BudgetLedger:
         store_plan = ReservePlan(
             keys=[k for k, _ in planned], metrics=[METRIC_INDEX[p.metric] for _, p in planned],
             limits=[p.limit for _, p in planned], expire_at=[p.end + self.grace for _, p in planned],
-            guards=[settings_key(s.scope, s.id) for s in subjects], expected=seen)
+            guards=[settings_key(s.scope, s.id, s.tag) for s in subjects], expected=seen)
         limited = [(i, p.limit) for i, (_, p) in enumerate(planned) if p.limit is not None]
         prepared = _Prepared(store_plan, [p for _, p in planned], limited)
         if len(self._plans) >= self.cache_size:
@@ -417,7 +437,7 @@ class BudgetLedger:
         for window in WINDOWS:
             bucket, start, end = window_bounds(window, now)
             for metric in METRICS:
-                keys.append(counter_key(subject.scope, subject.id, metric, window, bucket))
+                keys.append(counter_key(subject.scope, subject.id, metric, window, bucket, subject.tag))
                 rows.append((metric, window, start, end))
         counters = await self.reservations.read_counters(keys)
         out = []

@@ -15,11 +15,14 @@ least recently used scopes are dropped whole).
 **Redis** (:class:`RedisVectorIndex`), shared by every worker and gateway. Per scope:
 
 =============================  ===============================================================
-``<prefix>vx:<scope>:v``       hash: entry id -> 8-byte expiry (unix seconds, float64) + the
+``<prefix>vx:{<scope>}:v``     hash: entry id -> 8-byte expiry (unix seconds, float64) + the
                                vector (float32, little-endian)
-``<prefix>vx:<scope>:lru``     sorted set: entry id -> last use (ms); the trim order
-``<prefix>vx:<scope>:ver``     a random token, replaced on every insert or removal
+``<prefix>vx:{<scope>}:lru``   sorted set: entry id -> last use (ms); the trim order
+``<prefix>vx:{<scope>}:ver``   a random token, replaced on every insert or removal
 =============================  ===============================================================
+
+The scope in braces is a Redis Cluster hash tag: a scope's three keys share a slot (each script
+touches one scope), while scopes spread over the cluster.
 
 Inserting is one Lua script (add, trim to ``max_per_scope``, new token, refresh the scope's TTL),
 so concurrent writers cannot push a scope past its bound. A search runs one script that returns
@@ -212,7 +215,7 @@ class RedisVectorIndex:
         self._blob_size = _EXPIRY.size + 4 * dim
 
     def _keys(self, scope: str) -> tuple[str, str, str]:
-        base = self.prefix + scope
+        base = f"{self.prefix}{{{scope}}}"  # the hash tag: one slot per scope
         return base + ":v", base + ":lru", base + ":ver"
 
     async def _do(self, coro):

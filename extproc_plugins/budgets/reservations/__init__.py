@@ -28,8 +28,11 @@ window is over. In memory they live outside the cache's LRU (never evicted by ca
 bounded by expiry and by a count cap (past it, new ones raise
 :class:`~extproc.state.store.StoreUnavailable`: refusing is safer than forgetting spend).
 
-Redis Cluster is not supported by these scripts (one reservation touches the keys of several
-subjects, which hash to different slots).
+On a Redis Cluster one script's keys must share a hash slot: the ledger's counters carry their
+tenant's hash tag (``bud:{tenant}:...``; a request's subjects - tenant, workflow, API key - are
+all the tenant's), and :mod:`.redis_backend` puts the reservation record and the due index under
+the same tag (``res:{tenant}:<id>``, ``res:{tenant}:due``). Orphans are then swept per tenant, by
+that tenant's next admissions.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import itertools
 from typing import Mapping, Sequence
 
 from extproc.state.lua import script
-from extproc.state.redis_store import RedisStore
+from extproc.state.redis_store import RedisStore, hash_tag
 from extproc.state.store import StoreUnavailable
 from extproc_plugins.budgets.reservations import HELD_SUFFIX, Charge, ReservePlan, ReserveResult
 
@@ -23,6 +23,24 @@ _backend_ids = itertools.count()
 def _bulk(value: bytes) -> bytes:
     """One RESP bulk string."""
     return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+def _unpack(packed: bytes) -> list[bytes]:
+    """The arguments of one packed command (a RESP array of bulk strings), for the cluster client."""
+    count_end = packed.index(b"\r\n")
+    items, pos = int(packed[1:count_end]), count_end + 2
+    out = []
+    for _ in range(items):
+        end = packed.index(b"\r\n", pos)
+        size = int(packed[pos + 1:end])
+        out.append(packed[end + 2:end + 2 + size])
+        pos = end + 4 + size
+    return out
+
+
+def _tagged(prefix: str, tag: str | None) -> str:
+    """Where a reservation's record and due index live: ``res:{tag}:`` (its counters' slot)."""
+    return f"{prefix}res:{{{tag}}}:" if tag else prefix + "res:"
 
 
 class _Lane:
@@ -40,12 +58,20 @@ class _Lane:
 class RedisReservations:
     """Reservations as one Lua script per operation, run with EVALSHA (a script Redis forgot, e.g.
     after a restart, is loaded and the call sent again). Plain Redis, no modules; not Redis
-    Cluster (keys of several tenants). Under concurrency the client's per-command CPU, not Redis,
+    Under concurrency the client's per-command CPU, not Redis,
     is the cost, so these calls skip redis-py's command layer: each is packed straight into the
     RESP protocol (the constant part of a plan once), and they go out on a connection of their
     own (one for admissions, one for settlements); calls made while one batch is on the wire wait
     and go out together as the next one (auto-pipelining: one write and one read for many calls;
     each script still runs atomically).
+
+    Every key of one reservation shares a hash slot: the counters carry their tenant's hash tag
+    (``bud:{tenant}:...``, :func:`~extproc_plugins.budgets.ledger.counter_key`), and the
+    reservation record and the index of reservations by due time take the same tag
+    (``res:{tenant}:<id>``, ``res:{tenant}:due``: one due index per tenant, swept by that tenant's
+    admissions). On a Redis Cluster (``redis+cluster://``) the calls go through the cluster
+    client instead (it routes each script to its slot's master, follows ``MOVED``/``ASK``), one
+    command per call.
     """
 
     def __init__(self, store: RedisStore):
@@ -54,7 +80,9 @@ class RedisReservations:
         # written never makes the next request's admission wait for it.
         self._admit_lane, self._settle_lane = _Lane(), _Lane()
         self._token = next(_backend_ids)  # names this backend's pre-encoded plans
-        self._due_key = _bulk((store.prefix + "res:due").encode())
+        self._due_key = _bulk((store.prefix + "res:due").encode())  # keys without a hash tag
+        # reservation id -> hash tag of its keys, until settled (the settle call only has the id)
+        self._tags: dict[str, str] = {}
         self.sweep_every = 32  # admissions between two looks for orphaned reservations
         self._admissions = 0
         store.on_close(self._disconnect)
@@ -67,6 +95,8 @@ class RedisReservations:
 
     async def _call_script(self, lane: "_Lane", name: str, packed: bytes):
         """Send one packed EVALSHA on ``lane``; while a batch is on its wire, wait and go out with the next."""
+        if self.store.cluster:
+            return await self._call_cluster(name, packed)
         if lane.busy:
             future = asyncio.get_running_loop().create_future()
             lane.batch.append((name, packed, future))
@@ -79,6 +109,21 @@ class RedisReservations:
         if isinstance(result, BaseException):
             raise StoreUnavailable(str(result)) from result
         return result
+
+    async def _call_cluster(self, name: str, packed: bytes):
+        """The call through the cluster client (routed to its keys' slot; MOVED/ASK followed)."""
+        from redis.exceptions import NoScriptError
+
+        args = _unpack(packed)
+        client = self.store.client
+        try:
+            try:
+                return await client.execute_command(*args)
+            except NoScriptError:  # a master that never saw it (new, promoted, restarted)
+                await client.script_load(SCRIPTS[name])
+                return await client.execute_command(*args)
+        except self.store.errors as exc:
+            raise StoreUnavailable(str(exc)) from exc
 
     def _next_script_batch(self, lane: "_Lane") -> None:
         if lane.batch:
@@ -137,9 +182,9 @@ class RedisReservations:
                 results[i] = r
         return results
 
-    def _packed_plan(self, plan: ReservePlan) -> tuple[bytes, int]:
-        """The constant head of a plan's EVALSHA (command, keys but the reservation's, constant
-        arguments) and the number of RESP array items it holds."""
+    def _packed_plan(self, plan: ReservePlan) -> tuple[bytes, bytes, str | None, bytes]:
+        """The constant parts of a plan's EVALSHA (head: command and keys but the reservation's;
+        tail: constant arguments), the hash tag of its keys and its due index (packed)."""
         cached = plan.encoded.get(self._token)
         if cached is not None:
             return cached
@@ -156,19 +201,26 @@ class RedisReservations:
         head = b"".join([b"*%d\r\n" % items, _bulk(b"EVALSHA"), _bulk(SHAS["reserve"]),
                          _bulk(str(len(keys) + 2).encode()), *map(_bulk, keys)])
         tail = b"".join(map(_bulk, args))
-        cached = plan.encoded[self._token] = (head, tail)
+        tag = hash_tag(plan.keys[0]) if plan.keys else (hash_tag(plan.guards[0]) if plan.guards else None)
+        due_key = _bulk((_tagged(p, tag) + "due").encode()) if tag else self._due_key
+        cached = plan.encoded[self._token] = (head, tail, tag, due_key)
         return cached
 
     async def reserve_plan(self, reservation_id: str, plan: ReservePlan, amounts: Sequence[int],
                            ttl: float) -> ReserveResult:
-        head, tail = self._packed_plan(plan)
+        head, tail, tag, due_key = self._packed_plan(plan)
         self._admissions += 1
         sweep = b"16" if self._admissions % self.sweep_every == 0 else b"0"
-        packed = b"".join((head, _bulk((self.store.prefix + "res:" + reservation_id).encode()), self._due_key, tail,
+        base = _tagged(self.store.prefix, tag)
+        packed = b"".join((head, _bulk((base + reservation_id).encode()), due_key, tail,
                            _bulk(b"%d" % max(1, int(ttl * 1000))),
                            _bulk(" ".join(str(int(a)) for a in amounts).encode()), _bulk(sweep)))
+        if tag:  # before the call: a call that timed out may still have reserved (released later)
+            self._tags[reservation_id] = tag
         result = await self._call_script(self._admit_lane, "reserve", packed)
         status, failed, *rest = result
+        if status != 1:
+            self._tags.pop(reservation_id, None)  # nothing was reserved
         if status == 2:
             return ReserveResult(False, stale=[None if v == b"0" else bytes(v[1:]) for v in rest])
         return ReserveResult(bool(status), [int(v) for v in rest], None if status else int(failed) - 1)
@@ -179,9 +231,14 @@ class RedisReservations:
         return await self.reserve_plan(reservation_id, plan, [c.amount for c in charges], ttl)
 
     async def _settle(self, reservation_id: str, mode: bytes, args: Sequence[bytes] = ()) -> bool:
+        tag = self._tags.get(reservation_id)
+        base = _tagged(self.store.prefix, tag)
         packed = b"".join((b"*%d\r\n" % (6 + len(args)), _bulk(b"EVALSHA"), _bulk(SHAS["settle"]), _bulk(b"2"),
-                           _bulk((self.store.prefix + "res:" + reservation_id).encode()), self._due_key, _bulk(mode),
-                           *map(_bulk, args)))
+                           _bulk((base + reservation_id).encode()), _bulk((base + "due").encode()) if tag
+                           else self._due_key, _bulk(mode), *map(_bulk, args)))
+        settled = bool(int(await self._call_script(self._settle_lane, "settle", packed)))
+        self._tags.pop(reservation_id, None)  # settled now, or already (or expired: orphaned)
+        return settled
         return bool(int(await self._call_script(self._settle_lane, "settle", packed)))
 
     async def commit(self, reservation_id: str, actual: Mapping[str, int]) -> bool:
