@@ -56,7 +56,9 @@ class RedisCluster:
             ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", *persistence,
              "--dir", str(d), "--cluster-enabled", "yes", "--cluster-config-file", str(d / "nodes.conf"),
              "--cluster-port", str(self.bus_ports[port]),
-             "--cluster-node-timeout", str(self.node_timeout), "--protected-mode", "no"],
+             "--cluster-node-timeout", str(self.node_timeout), "--protected-mode", "no",
+             "--repl-diskless-sync-delay", "0",  # a replica's first sync at once, not 5 s later
+             "--logfile", str(d / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
     @staticmethod
@@ -85,6 +87,7 @@ class RedisCluster:
             if created.returncode != 0:
                 raise RuntimeError(f"redis-cli --cluster create failed: {created.stdout}{created.stderr}")
             self.wait_ok(deadline - time.monotonic())
+            self.wait_replicas_synced(deadline - time.monotonic())
         except BaseException:
             self.stop()
             raise
@@ -97,6 +100,18 @@ class RedisCluster:
             while "cluster_state:ok" not in _command(port, "cluster", "info"):
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the cluster is not ok on {port}: {_command(port, 'cluster', 'info')}")
+                time.sleep(0.05)
+
+    def wait_replicas_synced(self, timeout: float = 20) -> None:
+        """Until every replica's link to its master is up (one that never synced is never promoted)."""
+        deadline = time.monotonic() + timeout
+        for port in self.live_ports():
+            while True:
+                info = _command(port, "info", "replication")
+                if "role:master" in info or "master_link_status:up" in info:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"replica {port} did not sync: {info}")
                 time.sleep(0.05)
 
     def live_ports(self) -> list[int]:

@@ -171,10 +171,13 @@ def _state_line(redis_url: str | None, local: bool = False) -> str:
     if local:
         return f"{redis_url}  (the stack's own Redis: shared by every worker, AOF in the work dir)"
     import redis
+    from redis.exceptions import RedisClusterException
+
+    from extproc.state.redis_store import sync_client
 
     try:
-        redis.Redis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=1).ping()
-    except (redis.RedisError, OSError) as exc:
+        sync_client(redis_url, timeout=1).ping()
+    except (redis.RedisError, RedisClusterException, OSError) as exc:
         return (f"{redis_url}  (UNREACHABLE: {type(exc).__name__}; the policies that use it degrade "
                 "until it answers, see the service log)")
     return redis_url

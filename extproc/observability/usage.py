@@ -164,10 +164,11 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
 
 
 def read_redis(url: str, key: str) -> list[dict]:
-    """Every record in the Redis stream ``key`` (the full key, prefix included)."""
-    import redis
+    """Every record in the Redis stream ``key`` (the full key, prefix included); ``url`` may be a
+    ``redis+cluster://`` cluster."""
+    from extproc.state.redis_store import sync_client
 
-    client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    client = sync_client(url, timeout=5)
     try:
         out, last = [], "-"
         while True:

@@ -29,7 +29,7 @@ import calendar
 import functools
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Iterable, Literal, Mapping
 from urllib.parse import quote
@@ -167,22 +167,23 @@ def settings_key(scope: str, subject: str, tag: str | None = None) -> str:
 
 @dataclass(slots=True, frozen=True)
 class Subject:
-    """Who is charged. ``tenant`` is the tenant an API key belongs to (``api_key`` scope only):
-    its counters share the tenant's hash slot, so a request's reservation is one script."""
+    """Who is charged: ``scope`` and ``id``. ``tenant`` (not part of its identity) is the tenant a
+    workflow or an API key belongs to: their counters share the tenant's hash slot, so a
+    request's reservation is one script on a Redis Cluster."""
 
     scope: str
     id: str
-    tenant: str | None = None
+    tenant: str | None = field(default=None, compare=False)
 
     @property
     def tag(self) -> str:
-        """The hash tag of this subject's keys: its tenant (a workflow's is the part before ``/``;
-        an API key's is its tenant when known, else the key id)."""
+        """The hash tag of this subject's keys: its tenant (a workflow without ``tenant`` given:
+        the part of its id before the first ``/``; an API key without: the key id)."""
         if self.scope == "tenant":
             return self.id
-        if self.scope == "workflow":
-            return self.id.split("/", 1)[0]
-        return self.tenant or self.id
+        if self.tenant:
+            return self.tenant
+        return self.id.split("/", 1)[0] if self.scope == "workflow" else self.id
 
     def describe(self) -> str:
         return f"{self.scope.replace('_', ' ')} {self.id!r}"
@@ -194,7 +195,7 @@ def subjects_of(tenant: str | None, workflow: str | None, api_key_id: str | None
     if tenant:
         out.append(Subject("tenant", tenant))
         if workflow:
-            out.append(Subject("workflow", f"{tenant}/{workflow}"))
+            out.append(Subject("workflow", f"{tenant}/{workflow}", tenant))
     if api_key_id:
         out.append(Subject("api_key", api_key_id, tenant or None))
     return out

@@ -114,7 +114,8 @@ class RedisReservations:
         """The call through the cluster client (routed to its keys' slot; MOVED/ASK followed)."""
         from redis.exceptions import NoScriptError
 
-        args = _unpack(packed)
+        args: list = _unpack(packed)
+        args[0] = args[0].decode()  # the command name: str for the cluster client's routing tables
         client = self.store.client
         try:
             try:
