@@ -2,8 +2,8 @@
 and seed, at each scale factor, each against a real stack; then the report.
 
 For each mode (``naive``, ``gateway``) it starts Envoy, the ext_proc service (with that mode's
-configuration, on free ports) and a Redis of its own, in front of one Triton started once for
-all modes; runs each scale (the workload generator's plan for that scale and the seed), with the
+configuration, on free ports) and a Redis of its own, in front of a Triton of that mode's own (started
+fresh, so that no mode starts on another's backlog); runs each scale (the workload generator's plan for that scale and the seed), with the
 gateway's state emptied and its service restarted before each scale after the first (so a scale
 never hits the caches the previous one filled); stops the stack. ``--url`` drives an endpoint
 that is already running instead (nothing started, nothing reset between scales).
@@ -321,10 +321,13 @@ def _run(args) -> int:
                     {**meta, "mode": mode, "scale": scale, "prices": prices})
     else:
         configs = {mode: mode_config(mode, args, workload, out / mode) for mode in modes}  # fail before starting
-        _say(f"starting Triton (the three CPU tiers) for {', '.join(modes)} ...")
-        triton = start_triton(out)
-        try:
-            for mode in modes:
+        for mode in modes:
+            # A Triton of each mode's own: the naive baseline's backlog (requests its clients gave up
+            # on, still being computed) can outlast any wait, and a mode that starts on it is
+            # measured on a busy machine (a 300 s naive run left Triton busy past 180 s).
+            _say(f"{mode}: starting Triton (the three CPU tiers) ...")
+            triton = start_triton(out / mode)
+            try:
                 settled = _settle(triton.metrics_url, mode)  # Envoy's health checks need a free model
                 _say(f"{mode}: starting Redis, the ext_proc service ({configs[mode]}) and Envoy ...")
                 try:
@@ -342,8 +345,8 @@ def _run(args) -> int:
                         _say(f"{mode} {scale_label(scale)}x: {summary['outcomes']} in {summary['wall_s']:.1f}s")
                 finally:
                     stack.stop()
-        finally:
-            triton.stop()
+            finally:
+                triton.stop()
     if not args.no_report:
         from extproc.lab.report.build import build, print_report
 
