@@ -9,7 +9,10 @@ model, system prompt and earlier turns, sampling parameters; see
 :func:`extproc_plugins.caching.cache_keys.semantic_parts`), so a different system prompt, model, tier, tenant or
 temperature never matches. A candidate at or above ``threshold`` must also pass the guard
 (:mod:`extproc_plugins.caching.semantic_guard`: same numbers, negation, names, no opposite words, no swapped
-direction), because embeddings alone put "capital of France" next to "capital of Germany".
+direction), because embeddings alone put "capital of France" next to "capital of Germany", and then
+the verification of :mod:`extproc_plugins.caching.semantic_verify` (the two prompts aligned token by
+token; what differs judged: closed-class words, negating prefixes, degree words, swapped order, and
+a small substitution's own spans embedded with the same MiniLM). See the README for its figures.
 
 A hit is answered from the request phase like an exact hit (JSON or SSE), with
 ``x-extproc-cache: semantic_hit`` and ``x-extproc-cache-similarity``; ``usage`` reports this
@@ -48,6 +51,7 @@ from extproc.upstreams.registry import default_max_tokens
 from extproc_plugins.caching.semantic_guard import GuardChecks, compatible
 from extproc.state.memory import MemoryStore
 from extproc.state.store import StoreUnavailable
+from extproc_plugins.caching.semantic_verify import SPAN_MIN_COSINE, spans_agree, structure
 from extproc_plugins.caching.vector_index import open_vector_index
 
 NAME = "semantic_cache"
@@ -63,6 +67,11 @@ class _Guard(BaseModel):
     entities: bool = True
     contrast: bool = True
     direction: bool = True
+    align: bool = Field(True, description="verify the candidate by aligning the two prompts "
+                        "(extproc_plugins.caching.semantic_verify): closed-class words, negating prefixes, "
+                        "degree words, swapped word order")
+    span_min_cosine: float = Field(SPAN_MIN_COSINE, ge=0, le=1, description="a small substitution's own "
+                                   "spans must embed at least this close (0: not checked)")
 
 
 @dataclass(slots=True)
@@ -79,7 +88,7 @@ class SemanticCache:
     class Settings(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-        threshold: float = Field(0.90, ge=0, le=1, description="minimum cosine similarity for a hit")
+        threshold: float = Field(0.85, ge=0, le=1, description="minimum cosine similarity for a hit")
         mode: Literal["last_user", "conversation"] = "last_user"
         guard: _Guard = Field(default_factory=_Guard)
         ttl: CacheTTL = Field(default_factory=CacheTTL)
@@ -100,7 +109,7 @@ class SemanticCache:
 
     def __init__(self, settings: "SemanticCache.Settings"):
         self.settings = settings
-        self.checks = GuardChecks(**settings.guard.model_dump())
+        self.checks = GuardChecks(**settings.guard.model_dump(exclude={"align", "span_min_cosine"}))
         self.store = None
         self.index = None
         self.encoder = None  # the worker's embedder (extproc.embeddings.prompt.prompt_embedder), once loaded
@@ -203,7 +212,7 @@ class SemanticCache:
                 answer = CachedAnswer.from_bytes(data)
             except ValueError:
                 continue
-            ok, _why = compatible(answer.query or "", text, self.checks)
+            ok, _why = await self.verify(answer.query or "", text)
             if not ok:
                 result = "guard_rejected"
                 continue
@@ -215,6 +224,36 @@ class SemanticCache:
                          prompt_tokens=self._prompt_tokens(ctx)), best
         note_lookup(ctx, LAYER, result)
         return None, best
+
+    async def verify(self, stored: str, text: str) -> tuple[bool, str]:
+        """Whether ``text`` may be answered with the answer stored for ``stored`` (a candidate the
+        index found at or above the threshold): the lexicon guard, then the alignment of the two
+        prompts, then the embeddings of a small substitution's own spans. ``(ok, which check said no)``."""
+        ok, why = compatible(stored, text, self.checks)
+        if not ok:
+            return False, why
+        g = self.settings.guard
+        if not g.align:
+            return True, ""
+        verdict = structure(stored, text)
+        if not verdict.ok:
+            return False, verdict.reason
+        if not verdict.spans or g.span_min_cosine <= 0:
+            return True, ""
+        return spans_agree(verdict.spans, await self._span_vectors(verdict.spans), g.span_min_cosine)
+
+    async def _span_vectors(self, spans) -> np.ndarray:
+        """The spans' embeddings (``a`` then ``b`` of each pair), through the worker's embedding cache."""
+        embedder = self.encoder
+        texts = [t for pair in spans for t in pair]
+        vectors = [embedder.cache.get(t) for t in texts]
+        missing = sorted({t for t, v in zip(texts, vectors) if v is None})
+        if missing:
+            fresh = dict(zip(missing, await embedder.batcher.encode_many(missing)))
+            for t, v in fresh.items():
+                embedder.cache.put(t, v)
+            vectors = [v if v is not None else fresh[t] for t, v in zip(texts, vectors)]
+        return np.stack(vectors)
 
     def _background(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)

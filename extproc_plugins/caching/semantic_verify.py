@@ -1,0 +1,308 @@
+"""Verification of a semantic-cache candidate: align the two prompts and judge what differs.
+
+Run only when the vector index returned a candidate at or above the threshold (and the lexicon guard,
+:mod:`extproc_plugins.caching.semantic_guard`, passed it). Whole-sentence cosine cannot tell
+"ascending" from "descending" or "ethanol" from "methanol": the sentences share every other word.
+So the two texts are tokenised (lower case, contractions split, number words as digits, a light
+stem), aligned with :class:`difflib.SequenceMatcher`, and the *differing spans* are judged:
+
+``classes``   a differing span holds a word of a closed class whose members are not interchangeable
+              (numbers, times and dates, units, scope and quantifier words, strong modals, negation)
+              and the other side's differing spans do not hold it (or a same-meaning member): reject;
+              for ordering, format, audience and polarity words only a swap within the class rejects
+              (an inserted "simple" or "best" is mostly filler). A small lexicon, one signal among
+              the others.
+``affix``     a word of one side is a word of the other with a negating prefix (install /
+              uninstall, safe / unsafe, follow / unfollow): reject.
+``order``     the same content words in another order around a word both share ("Alice reports to
+              Bob" / "Bob reports to Alice", "from English to French" / "from French to English"):
+              some pair x, y has a shared pivot z with x < z < y in one text and y < z < x in the
+              other; or the content words are a permutation of each other that is not one block
+              moved: reject. Moving a whole phrase ("In Python, how do I sort a list?") is not a swap.
+``degree``    a substitution with a degree word on both sides that differ ("faster" / "slower",
+              "safest" / "least safe"): reject. MiniLM embeds such antonyms as close as synonyms
+              (faster / slower 0.88, quickest / fastest 0.72), so no span cosine can tell them apart.
+``spans``     a small substitution (at most 3 words each side, the rest of the sentence aligned)
+              must be a near-synonym: the two spans are embedded on their own with the same MiniLM
+              and their cosine must reach ``span_min_cosine``. Synonyms ("largest" / "biggest",
+              "delete" / "remove") embed close on their own; co-hyponyms and antonyms that sit in
+              the same sentence slot ("ethanol" / "methanol", "formal" / "casual") do not as much.
+              The embedding is the caller's (the worker's embedder, off the event loop, cached).
+
+:func:`structure` is the pure part (no model): it returns either a rejection or the span pairs
+still to be embedded; :func:`spans_agree` judges those with their vectors. Deterministic.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from difflib import SequenceMatcher
+from functools import lru_cache
+
+import numpy as np
+
+__all__ = ["Structure", "structure", "spans_agree", "tokens", "SPAN_MIN_COSINE"]
+
+SPAN_MIN_COSINE = 0.30
+MAX_SPAN_WORDS = 3
+
+_TOKEN = re.compile(r"[a-z]+(?:-[a-z]+)*|\d+(?:[.,:]\d+)*(?:st|nd|rd|th|am|pm|%)?|[$€£%]")
+_LETTER = re.compile(r"([^.!?\s]\s*[\s(\"']|[,;:]\s+)(?!I\b)([A-Z])\b(?!['\u2019]|\.\w)")
+_CONTRACTIONS = [
+    (re.compile(r"\bwon't\b"), "will not"), (re.compile(r"\bcan't\b"), "can not"),
+    (re.compile(r"\bcannot\b"), "can not"), (re.compile(r"n't\b"), " not"),
+    (re.compile(r"'s\b"), " is"), (re.compile(r"'re\b"), " are"), (re.compile(r"'ve\b"), " have"),
+    (re.compile(r"'m\b"), " am"), (re.compile(r"'ll\b"), " will"), (re.compile(r"'d\b"), " would"),
+]
+_NUMBERS = {w: str(i) for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen nineteen twenty".split())}
+_NUMBERS.update({"thirty": "30", "forty": "40", "fifty": "50", "sixty": "60", "seventy": "70", "eighty": "80",
+                 "ninety": "90", "hundred": "100", "thousand": "1000", "million": "1000000", "dozen": "12"})
+_NUMBERS.update({w: f"{i + 1}th" for i, w in enumerate(
+    "first second third fourth fifth sixth seventh eighth ninth tenth eleventh twelfth".split())})
+_ORDINAL = re.compile(r"^(\d+)(st|nd|rd|th)$")
+
+# Words that never carry the difference between two prompts that mean the same thing.
+_STOP = frozenset("""
+a an the is are was were be been being am do does did doing done have has had i you we they he she it
+me my your our their its this that these those there here of in on at for to from by with about as into
+and or but so if then than please can could would will shall what which who whom whose why when where
+how way ways thing things tell give show explain describe let lets s t just also really actually
+some any kind sort type
+""".split()) - {"from", "to", "into", "than"}
+_PIVOT_FUNCTION = frozenset({"to", "from", "into", "than", "over", "by", "vs", "versus"})
+
+# Closed classes: a word of one of them differing between the texts changes the answer.
+_CLASSES: dict[str, str] = {}
+# Each class: its words; "=" joins words that mean the same within the class (all=every).
+_CLASS_WORDS = {
+    "time": """am pm morning afternoon evening night tonight noon midnight today tomorrow yesterday weekend
+               weekday monday tuesday wednesday thursday friday saturday sunday january february march april
+               june july august september october november december winter summer spring autumn
+               breakfast lunch dinner sunrise sunset dawn dusk next previous ago century decade
+               medieval ancient modern before after early late earlier later daily weekly monthly yearly
+               annual hourly past future""",
+    "unit": """km=kilometer=kilometre meter=metre cm=centimeter=centimetre mm=millimeter inch foot=feet yard
+               mile gram kilogram=kg lb ounce=oz ton=tonne liter=litre ml=milliliter gallon quart pint cup
+               tablespoon teaspoon celsius fahrenheit kelvin second minute hour day week month year byte
+               kilobyte=kb megabyte=mb gigabyte=gb terabyte=tb acre hectare dollar euro yen pound
+               percent=% mph kph watt volt calorie joule""",
+    "scope": """all=every=each=whole=entire only few several none both either neither part partial
+                always sometimes usually rarely often majority minority""",
+    "modal": """must should may might need required=require mandatory optional allowed=permitted legal
+                illegal necessary possible impossible recommended wise advisable definitely probably
+                likely unlikely certainly""",
+    "negation": """not=no=never=without=nothing=nobody=none=nor""",
+}
+# Classes whose words matter only when swapped for another word of the same class (an inserted
+# "best" or "simple" is mostly filler; "ascending" -> "descending" or "formal" -> "casual" is not).
+_SWAP_CLASS_WORDS = {
+    "order": """ascending descending increasing decreasing first last final next previous top bottom
+                beginning end=finish start=begin newest oldest latest earliest forward backward reverse""",
+    "format": """json yaml xml csv markdown bullet paragraph sentence essay poem haiku sonnet limerick tweet
+                 numbered prose table chart""",
+    "audience": """child=kid children=kids toddler teenager beginner expert professional novice
+                   grandmother student layperson lawyer formal informal casual polite rude funny serious
+                   technical playful""",
+    "polarity": """pros=advantage=benefit=upside cons=disadvantage=drawback=downside risk=danger good bad""",
+}
+_SWAP_CLASSES: dict[str, str] = {}
+_CANON: dict[str, str] = {}
+for _table, _target in ((_CLASS_WORDS, _CLASSES), (_SWAP_CLASS_WORDS, _SWAP_CLASSES)):
+    for _cls, _words in _table.items():
+        for _group in _words.split():
+            _members = _group.split("=")
+            for _w in _members:
+                _target.setdefault(_w, _cls)
+                _CANON.setdefault(_w, _members[0])
+_DEGREE = frozenset({"more", "less", "most", "least", "fewer", "better", "worse", "best", "worst"})
+_NOT_DEGREE = frozenset({"interest", "request", "suggest", "forest", "honest", "invest", "harvest",
+                         "digest", "contest", "protest", "manifest", "modest", "earnest", "conquest"})
+_ADJ_ER = frozenset("""fast slow quick high low big small larg great long short old new young cheap rich
+poor hot cold warm cool strong weak heavy light hard soft easy safe deep wide near far clos dark bright
+smart loud quiet thick thin tall tight loos sharp fresh clean""".split())
+_NEG_PREFIX = ("un", "dis", "de", "in", "im", "non", "il", "ir")
+# Prefixes that make opposite pairs from one stem (inhale / exhale, upload / download, increase / decrease).
+_PAIR_PREFIX = frozenset({"in", "ex", "im", "up", "down", "en", "de", "inc", "dec", "pre", "post", "over",
+                          "under", "sub", "super", "pro", "anti", "hyper", "hypo", "micro", "macro", "inter",
+                          "intra", "intro", "extro", "im", "ex"})
+_WH = frozenset({"how", "what", "which", "where", "when", "who", "why"})
+
+
+def _stem(word: str) -> str:
+    if len(word) > 4 and word.endswith("ies"):
+        return word[:-3] + "y"
+    if len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
+        return word[:-1]
+    return word
+
+
+@lru_cache(maxsize=4096)
+def tokens(text: str) -> tuple[str, ...]:
+    """Normalised tokens: lower case, contractions split, number words as digits, a light stem."""
+    # a lone capital letter other than "I", not opening a sentence, is a symbol (A to Z, vitamin C)
+    t = _LETTER.sub(lambda m: m.group(1) + "letter-" + m.group(2).lower(), text)
+    t = t.lower().replace("\u2019", "'")
+    for pattern, repl in _CONTRACTIONS:
+        t = pattern.sub(repl, t)
+    out = []
+    for m in _TOKEN.finditer(t):
+        w = m.group(0)
+        w = _NUMBERS.get(w, w)
+        o = _ORDINAL.match(w)
+        if o:
+            w = o.group(1) + "th"
+        out.append(_stem(w) if w[0].isalpha() and w not in _STOP else w)
+    return tuple(out)
+
+
+def _cls(word: str) -> str | None:
+    if word[0].isdigit() or word in ("$", "€", "£"):
+        return "number"
+    if word.startswith("letter-"):
+        return "symbol"
+    return _CLASSES.get(word)
+
+
+@dataclass(frozen=True, slots=True)
+class Structure:
+    """The pure verdict: ``ok`` False with a ``reason``, or True with span pairs still to embed."""
+
+    ok: bool
+    reason: str = ""
+    spans: tuple[tuple[str, str], ...] = ()
+
+
+def _affixed(x: str, y: str) -> bool:
+    """A negating prefix (install / uninstall), or one stem with two prefixes (inhale / exhale,
+    import / export, encrypt / decrypt, upload / download)."""
+    if x == y or not (x.isalpha() and y.isalpha()):
+        return False
+    for p in _NEG_PREFIX:
+        if (x == p + y or y == p + x) and min(len(x), len(y)) >= 3:
+            return True
+    n = 0
+    while n < min(len(x), len(y)) and x[-1 - n] == y[-1 - n]:
+        n += 1
+    return n >= 3 and x[: len(x) - n] in _PAIR_PREFIX and y[: len(y) - n] in _PAIR_PREFIX
+
+
+def _degree(word: str) -> bool:
+    """A superlative or comparative adjective, or a degree word (fastest, slower, least, more)."""
+    return word in _DEGREE or (len(word) > 5 and word.endswith("est") and word not in _NOT_DEGREE) \
+        or (len(word) > 4 and word.endswith("er") and word[:-2] in _ADJ_ER)
+
+
+def _swapped(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    """A pair of shared words in the opposite order around a shared pivot word."""
+    def positions(seq):
+        pos: dict[str, int] = {}
+        dup = set()
+        for i, w in enumerate(seq):
+            if w in _STOP and w not in _PIVOT_FUNCTION:
+                continue
+            if w in pos:
+                dup.add(w)
+            pos[w] = i
+        for w in dup:
+            del pos[w]
+        return pos
+    pa, pb = positions(a), positions(b)
+    shared = [w for w in pa if w in pb]
+    content = [w for w in shared if w not in _PIVOT_FUNCTION]
+    for i, x in enumerate(content):
+        for y in content[i + 1:]:
+            ax, ay, bx, by = pa[x], pa[y], pb[x], pb[y]
+            if (ax < ay) == (bx < by):
+                continue
+            lo_a, hi_a = sorted((ax, ay))
+            lo_b, hi_b = sorted((bx, by))
+            for z in shared:
+                if z in (x, y):
+                    continue
+                if lo_a < pa[z] < hi_a and lo_b < pb[z] < hi_b:
+                    return True
+    return False
+
+
+def _permuted(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    """The same content words (and relation words) in another order that is not one phrase moved
+    elsewhere ("caffeine affects sleep or sleep affects caffeine" reordered)."""
+    ca = [w for w in a if w not in _STOP or w in _PIVOT_FUNCTION]
+    cb = [w for w in b if w not in _STOP or w in _PIVOT_FUNCTION]
+    if ca == cb or sorted(ca) != sorted(cb):
+        return False
+    ops = [op for op in SequenceMatcher(None, ca, cb, autojunk=False).get_opcodes() if op[0] != "equal"]
+    if len(ops) == 2 and {ops[0][0], ops[1][0]} == {"insert", "delete"}:
+        return False  # one block moved: "In Python, how do I sort a list?"
+    return True
+
+
+def structure(a: str, b: str) -> Structure:
+    """Align ``a`` and ``b`` and judge the differing spans without a model."""
+    ta, tb = tokens(a), tokens(b)
+    if ta == tb:
+        return Structure(True)
+    matcher = SequenceMatcher(None, ta, tb, autojunk=False)
+    spans: list[tuple[str, str]] = []
+    only_a: list[str] = []
+    only_b: list[str] = []
+    ops = [op for op in matcher.get_opcodes() if op[0] != "equal"]
+    for tag, i1, i2, j1, j2 in ops:
+        only_a += ta[i1:i2]
+        only_b += tb[j1:j2]
+    set_a, set_b = set(only_a), set(only_b)
+    canon_a = {_CANON.get(w, w) for w in only_a}
+    canon_b = {_CANON.get(w, w) for w in only_b}
+    # closed classes: a class word on one side's differing spans, not on the other's
+    for side, other, seq in ((only_a, canon_b, ta), (only_b, canon_a, tb)):
+        for w in side:
+            c = _cls(w)
+            if c is None or _CANON.get(w, w) in other:
+                continue
+            if c == "modal":  # "how should I" asks the same as "how do I"
+                idx = seq.index(w)
+                if idx > 0 and seq[idx - 1] in _WH:
+                    continue
+            return Structure(False, f"class:{c}")
+    # swap classes: a word of the class replaced by another word of the same class
+    for tag, i1, i2, j1, j2 in ops:
+        if tag != "replace":
+            continue
+        ca = {_SWAP_CLASSES[w]: _CANON.get(w, w) for w in ta[i1:i2] if w in _SWAP_CLASSES}
+        cb = {_SWAP_CLASSES[w]: _CANON.get(w, w) for w in tb[j1:j2] if w in _SWAP_CLASSES}
+        for c in ca.keys() & cb.keys():
+            if ca[c] != cb[c]:
+                return Structure(False, f"swap:{c}")
+    for x in set_a - set_b:
+        for y in set_b - set_a:
+            if _affixed(x, y):
+                return Structure(False, "affix")
+    for tag, i1, i2, j1, j2 in ops:  # "faster" -> "slower", "safest" -> "least safe"
+        if tag == "replace":
+            da = {w for w in ta[i1:i2] if _degree(w)}
+            db = {w for w in tb[j1:j2] if _degree(w)}
+            if da and db and da != db:
+                return Structure(False, "degree")
+    if _swapped(ta, tb) or _permuted(ta, tb):
+        return Structure(False, "order")
+    # small substitutions must be near-synonyms (judged by the caller's embeddings)
+    content_a = [w for w in only_a if w not in _STOP]
+    content_b = [w for w in only_b if w not in _STOP]
+    if content_a and content_b:
+        for tag, i1, i2, j1, j2 in ops:
+            sa = [w for w in ta[i1:i2] if w not in _STOP]
+            sb = [w for w in tb[j1:j2] if w not in _STOP]
+            if sa and sb and len(sa) <= MAX_SPAN_WORDS and len(sb) <= MAX_SPAN_WORDS:
+                spans.append((" ".join(sa), " ".join(sb)))
+    return Structure(True, "", tuple(spans))
+
+
+def spans_agree(spans, vectors: np.ndarray, min_cosine: float = SPAN_MIN_COSINE) -> tuple[bool, str]:
+    """``vectors``: the unit embeddings of every span, ``a`` then ``b`` of each pair, in order."""
+    for i in range(len(spans)):
+        if float(vectors[2 * i] @ vectors[2 * i + 1]) < min_cosine:
+            return False, "spans"
+    return True, ""
