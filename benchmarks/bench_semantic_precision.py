@@ -1,6 +1,6 @@
 """Semantic cache precision and hit rate on labelled paraphrase / near-miss pairs.
 
-    python benchmarks/bench_semantic_precision.py [--threshold 0.90] [--out precision.json]
+    python benchmarks/bench_semantic_precision.py [--threshold 0.85] [--out precision.json]
 
 Data: ``benchmarks/data/semantic_pairs.jsonl`` (337 pairs: 151 paraphrases, 186 near misses:
 another entity, another number, a negation, an opposite word or direction, a neighbouring topic),
@@ -97,7 +97,7 @@ def index_mode(pairs, vec, threshold, checks, k=4):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threshold", type=float, default=0.90, help="the semantic cache's default")
+    ap.add_argument("--threshold", type=float, default=0.85, help="the semantic cache's default")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
 
