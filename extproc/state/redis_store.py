@@ -110,6 +110,9 @@ class RedisStore:
 
         self.prefix = prefix
         self.cluster = is_cluster_url(url)
+        if self.cluster and "{" in prefix:
+            raise ValueError(f"state.key_prefix {prefix!r}: no '{{' on a Redis Cluster (a hash tag in the prefix "
+                             "would put every key in one slot)")
         if self.cluster:
             self._redis = cluster_client(url, timeout=timeout, max_connections=8 * max_connections)
         else:

@@ -66,3 +66,13 @@ def test_cluster_urls():
 def test_packed_calls_unpack_for_the_cluster_client():
     packed = b"*3\r\n$7\r\nEVALSHA\r\n$2\r\nab\r\n$0\r\n\r\n"
     assert _unpack(packed) == [b"EVALSHA", b"ab", b""]
+
+
+def test_a_hash_tag_in_the_prefix_is_refused_on_a_cluster():
+    import pytest
+
+    from extproc.state.redis_store import RedisStore
+
+    with pytest.raises(ValueError, match="key_prefix"):
+        RedisStore("redis+cluster://127.0.0.1:1", prefix="{all}:")
+    assert RedisStore("redis://127.0.0.1:1/0", prefix="{all}:").cluster is False  # one node: any prefix
