@@ -12,8 +12,10 @@ values the rest of the repository has.
 * the autoscaling rule is the growth lab simulator's (``extproc/lab/simulate/examples/day.yaml``);
 * drain budgets, security contexts, native sidecars, Redis AOF, NetworkPolicies.
 
-The tools (kubectl, node/npm, checkov) are installed by ``scripts/ensure-k8s-validators.sh`` into
-``.run/k8s-validate/`` (once; cached). A missing tool skips locally and FAILS under CI=true.
+The tools (the kubernetes-models packages, checkov, and kubectl when the machine has none with
+kustomize v5) are installed by ``scripts/ensure-k8s-validators.sh`` into ``.run/k8s-validate/``
+(once; cached); node and npm must be on the machine. A missing tool skips locally and FAILS under
+CI=true.
 """
 
 from __future__ import annotations
@@ -49,22 +51,16 @@ ALLOWED_SKIPS = {
 CRD_GROUPS = ("keda.sh/", "monitoring.coreos.com/")
 
 
-def _kustomize(path: Path) -> list[dict]:
-    proc = subprocess.run(["kubectl", "kustomize", str(path)], capture_output=True, text=True,
+def _kustomize(kubectl: str, path: Path) -> list[dict]:
+    proc = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True,
                           timeout=120, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, f"kubectl kustomize {path} failed:\n{proc.stderr}"
     return [d for d in yaml.safe_load_all(proc.stdout) if d]
 
 
 @pytest.fixture(scope="module")
-def rendered() -> dict[str, list[dict]]:
-    require(shutil.which("kubectl") is not None, "kubectl (kustomize) is not installed")
-    return {name: _kustomize(K8S / "overlays" / name) for name in OVERLAYS}
-
-
-@pytest.fixture(scope="module")
 def tools() -> dict[str, str]:
-    """Paths of validate.mjs and checkov, installed by the project's script (cached in .run/)."""
+    """Paths of kubectl, validate.mjs and checkov, installed by the project's script (cached in .run/)."""
     require(shutil.which("node") is not None and shutil.which("npm") is not None,
             "node and npm are not installed")
     proc = subprocess.run(["bash", str(ENSURE), "--print-paths"], capture_output=True, text=True,
@@ -72,8 +68,13 @@ def tools() -> dict[str, str]:
     require(proc.returncode == 0, f"scripts/ensure-k8s-validators.sh failed (exit {proc.returncode}):\n"
             f"{proc.stderr[-3000:]}")
     paths = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
-    assert Path(paths["validate_mjs"]).is_file() and Path(paths["checkov"]).is_file(), paths
+    assert all(Path(paths[k]).is_file() for k in ("kubectl", "validate_mjs", "checkov")), paths
     return paths
+
+
+@pytest.fixture(scope="module")
+def rendered(tools) -> dict[str, list[dict]]:
+    return {name: _kustomize(tools["kubectl"], K8S / "overlays" / name) for name in OVERLAYS}
 
 
 def _objects(docs: list[dict], kind: str) -> list[dict]:
@@ -171,7 +172,7 @@ def test_a_wrong_field_fails_validation(rendered, tools, tmp_path):
         "patches": [{"target": {"kind": "Deployment", "name": "llm-extproc-gateway"}, "patch": yaml.safe_dump([
             {"op": "add", "path": "/spec/replcias", "value": 3},   # typo of replicas
         ])}]}))
-    docs = _kustomize(neg)
+    docs = _kustomize(tools["kubectl"], neg)
     errors = _strict_errors(docs)
     assert any("replcias" in e for e in errors), errors
     # A wrong type in a custom resource: the CRD's schema (kubernetes-models) rejects it.
