@@ -76,3 +76,38 @@ def test_a_hash_tag_in_the_prefix_is_refused_on_a_cluster():
     with pytest.raises(ValueError, match="key_prefix"):
         RedisStore("redis+cluster://127.0.0.1:1", prefix="{all}:")
     assert RedisStore("redis://127.0.0.1:1/0", prefix="{all}:").cluster is False  # one node: any prefix
+
+
+def test_the_tags_of_unsettled_reservations_are_bounded(monkeypatch):
+    import asyncio
+
+    from extproc_plugins.budgets.reservations import redis_backend
+
+    class Store:  # just enough of a RedisStore for the backend's bookkeeping
+        prefix, cluster = "p:", True
+
+        def on_close(self, _):
+            pass
+
+    backend = redis_backend.RedisReservations(Store())
+    monkeypatch.setattr(redis_backend, "MAX_TAGS", 8)
+
+    async def refused_by_the_store(lane, name, packed):
+        from extproc.state.store import StoreUnavailable
+
+        raise StoreUnavailable("down")
+
+    backend._call_script = refused_by_the_store
+    plan = redis_backend.ReservePlan(keys=["bud:{t}:a"], metrics=[0], limits=[None], expire_at=[0.0])
+
+    async def run():
+        for i in range(50):
+            try:
+                await backend.reserve_plan(f"r{i}", plan, [1], 1.0)
+            except Exception:
+                pass
+        # a reservation this backend does not know is not asked about on a cluster
+        assert await backend.release("never-seen") is False
+
+    asyncio.run(run())
+    assert 0 < backend.holdings()["reservation_tags"] <= 8 and "r49" in backend._tags

@@ -18,6 +18,9 @@ from extproc_plugins.budgets.reservations import HELD_SUFFIX, Charge, ReservePla
 SCRIPTS = {name: script(__package__, "records") + script(__package__, name) for name in ("reserve", "settle")}
 SHAS = {name: hashlib.sha1(source.encode()).hexdigest().encode() for name, source in SCRIPTS.items()}
 _backend_ids = itertools.count()
+#: Reservation ids whose hash tag a backend remembers until they are settled (the oldest go past it:
+#: ids of admissions that failed with the store down, which the budgets policy does not settle).
+MAX_TAGS = 65536
 
 
 def _bulk(value: bytes) -> bytes:
@@ -86,6 +89,10 @@ class RedisReservations:
         self.sweep_every = 32  # admissions between two looks for orphaned reservations
         self._admissions = 0
         store.on_close(self._disconnect)
+
+    def holdings(self) -> dict[str, int]:
+        """What it keeps in process, for memory diagnostics (``extproc.observability.memdiag``)."""
+        return {"reservation_tags": len(self._tags), "max_reservation_tags": MAX_TAGS}
 
     async def _disconnect(self) -> None:
         for lane in (self._admit_lane, self._settle_lane):
@@ -217,7 +224,11 @@ class RedisReservations:
                            _bulk(b"%d" % max(1, int(ttl * 1000))),
                            _bulk(" ".join(str(int(a)) for a in amounts).encode()), _bulk(sweep)))
         if tag:  # before the call: a call that timed out may still have reserved (released later)
-            self._tags[reservation_id] = tag
+            tags = self._tags
+            if len(tags) >= MAX_TAGS:  # ids whose admission failed and that nobody settles: oldest out
+                for old in list(itertools.islice(tags, MAX_TAGS // 4)):
+                    del tags[old]
+            tags[reservation_id] = tag
         result = await self._call_script(self._admit_lane, "reserve", packed)
         status, failed, *rest = result
         if status != 1:
@@ -233,6 +244,8 @@ class RedisReservations:
 
     async def _settle(self, reservation_id: str, mode: bytes, args: Sequence[bytes] = ()) -> bool:
         tag = self._tags.get(reservation_id)
+        if tag is None and self.store.cluster:
+            return False  # not reserved here (refused, or long forgotten): on a cluster, no slot to ask
         base = _tagged(self.store.prefix, tag)
         packed = b"".join((b"*%d\r\n" % (6 + len(args)), _bulk(b"EVALSHA"), _bulk(SHAS["settle"]), _bulk(b"2"),
                            _bulk((base + reservation_id).encode()), _bulk((base + "due").encode()) if tag
