@@ -218,20 +218,32 @@ def _configmaps(docs: list[dict], prefix: str) -> list[dict]:
 
 
 def test_envoy_yaml_in_the_configmaps_passes_envoy_validate(rendered, tmp_path):
+    """Each Envoy container's configuration, from the ConfigMap it mounts, with its own flags."""
     try:
-        ec.envoy_binary()
+        binary = ec.envoy_binary()
     except ec.EnvoyConfigError as err:
         require(False, str(err))
-    seen = {}
-    for name, docs in rendered.items():
-        for cm in _configmaps(docs, "llm-extproc-envoy"):
-            for key, text in cm["data"].items():
-                seen.setdefault(text, f"{name}-{key}")
-    assert len(seen) == 2, sorted(seen.values())  # the sidecar's and the shared gateway's
-    for text, label in seen.items():
-        path = tmp_path / label
-        path.write_text(text)
-        ec.validate(path)
+    checked = set()
+    for overlay, docs in rendered.items():
+        configmaps = {cm["metadata"]["name"]: cm for cm in _configmaps(docs, "llm-extproc-envoy")}
+        for d, spec in _pod_specs(docs):
+            for c in spec.get("initContainers", []) + spec["containers"]:
+                if c["name"] != "envoy":
+                    continue
+                mount = next(m for m in c["volumeMounts"] if m["mountPath"] == "/etc/envoy/envoy.yaml")
+                volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+                text = configmaps[volume["configMap"]["name"]]["data"][mount["subPath"]]
+                path = tmp_path / f"{overlay}-{d['metadata']['name']}.yaml"
+                path.write_text(text)
+                args = list(c["args"])
+                args[args.index("-c") + 1] = str(path)
+                proc = subprocess.run([binary, "--mode", "validate", *args, "--use-dynamic-base-id"],
+                                      capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+                assert proc.returncode == 0 and " OK" in proc.stdout + proc.stderr, (
+                    f"{overlay} {d['metadata']['name']}: envoy rejected its configuration:\n"
+                    f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+                checked.add(mount["subPath"])
+    assert checked == {"envoy-gateway.yaml", "envoy-sidecar.yaml"}, checked
 
 
 def test_gateway_yaml_in_the_configmaps_loads(rendered, tmp_path):
