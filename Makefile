@@ -14,6 +14,8 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml examples/extproc-keyword-guard/pyproject.toml tests/plugins/extproc-test-plugins/pyproject.toml
 	# The stack's shared state (extproc up starts its own): Debian's redis-server, when none is on the PATH.
 	command -v redis-server >/dev/null || scripts/ensure-debs.sh redis-server
+	# redis-cli joins the Redis Cluster tests' nodes (tests/redis_cluster.py: --cluster create).
+	command -v redis-cli >/dev/null || scripts/ensure-debs.sh redis-tools
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e '.[stack,test]'
