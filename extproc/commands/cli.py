@@ -286,6 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_admin_parser(sub)  # extproc admin ...: keys, budgets, spend over the admin API
 
+    from extproc.commands import budget_keys
+
+    budgets = sub.add_parser("budgets", help="budget state tools (migrate-keys: an earlier version's keys "
+                             "to today's names)")
+    budget_keys.add_arguments(budgets)
+
     from extproc.commands import loadtest
 
     lt = sub.add_parser("loadtest", help="the growth lab: replay a workload at scale factors, naive baseline "
