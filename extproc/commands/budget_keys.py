@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     if is_cluster_url(url):
-        print("extproc budgets: give one node's redis:// URL (run it against each master of a cluster)",
+        print("extproc budgets: earlier versions ran on one Redis node, not a cluster: give that node's URL",
               file=sys.stderr)
         return 2
     key_tenants = {}

@@ -16,8 +16,8 @@ through the admin API. This moves them:
   store, or from ``key_tenants`` for keys listed in the configuration; a key whose tenant is
   unknown is left where it is and reported.
 
-Runs on a single Redis node (``SCAN`` of every key with the prefix); on a Redis Cluster run it
-against each master's own URL.
+Runs on a single Redis node (``SCAN`` of every key with the prefix): the earlier versions ran on
+one node only (their multi-key scripts fail on a Redis Cluster), so that is where old keys are.
 """
 
 from __future__ import annotations
