@@ -12,7 +12,9 @@ nearest allowed tier is taken (the cheaper one on a tie). Pinned requests are le
 
 Settings: ``model_path`` (default: the shipped model), ``tier_map`` (model label -> tier, when the
 configured tiers are named differently), ``thresholds`` (override the calibrated ones, e.g.
-``{large: 0.3}``), ``ladder``.
+``{large: 0.3}``), ``ladder``, ``memo_entries`` (decisions remembered per worker, keyed on the
+tenant, the route text, the prompt's token count and the candidates: a repeated prompt is not
+embedded again; 0: off; see :mod:`extproc_plugins.routing.route_memo`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from extproc_plugins.routing import ladder as routing
+from extproc_plugins.routing.route_memo import DEFAULT_ENTRIES, RouteMemo
 from extproc.embeddings import prompt as prompts
 from extproc.framework.config import ConfigError
 from extproc.framework.context import TierChoice
@@ -39,6 +42,8 @@ class LearnedRouter:
         tier_map: dict[str, str] = Field(default_factory=dict, description="model label -> tier")
         thresholds: dict[str, float] = Field(default_factory=dict, description="label -> threshold override")
         ladder: list[str] | None = None
+        memo_entries: int = Field(DEFAULT_ENTRIES, ge=0, description="decisions remembered per worker "
+                                  "(tenant, route text, prompt tokens, candidates); 0: off (route_memo.py)")
 
     def __init__(self, settings: "LearnedRouter.Settings | None" = None, *, embedder=None):
         self.settings = settings or self.Settings()
@@ -47,10 +52,12 @@ class LearnedRouter:
         self.model: RouterModel | None = None
         self.ladder: list[str] = []
         self.label_tier: dict[str, str] = {}
+        self.memo = RouteMemo(NAME, self.settings.memo_entries)
 
     @hookimpl
     def extproc_startup(self, gateway):
         self.registry = gateway.tiers
+        self.memo = RouteMemo(NAME, self.settings.memo_entries)  # never a decision of another configuration
         tiers = gateway.tiers.tiers
         path = self.settings.model_path or default_model_path()
         try:
@@ -79,8 +86,20 @@ class LearnedRouter:
             return None
         if self.model is None:
             raise RuntimeError("learned_router has no model: its start-up failed (see the log)")
+        tokens = await prompts.prompt_tokens_async(ctx)
+        key = self.memo.key(ctx, prompts.route_text(ctx), candidates, tokens)
+        found, choice = self.memo.recall(ctx, key)
+        if found:
+            return choice
+        steps = len(ctx.route_trace)
+        choice = await self._decide(ctx, candidates, tokens)
+        note = "; ".join(step.partition(": ")[2] for step in ctx.route_trace[steps:]) or "pass"
+        self.memo.remember(key, choice, note)
+        return choice
+
+    async def _decide(self, ctx, candidates, tokens: int):
         vector = await prompts.prompt_embedding(ctx, self.embedder)
-        label, probs = self.model.decide(vector, await prompts.prompt_tokens_async(ctx))
+        label, probs = self.model.decide(vector, tokens)
         wanted = self.label_tier[label]
         target = routing.closest_allowed(wanted, candidates, self.ladder)
         shown = ", ".join(f"{lab} {p:.2f}" for lab, p in zip(self.model.labels, probs))

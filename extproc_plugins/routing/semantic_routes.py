@@ -14,6 +14,10 @@ compared (cosine similarity) with every example:
 Examples come from ``routes`` (inline, ``{tier: [utterances]}``) or ``routes_file`` (a YAML file of
 the same shape); neither: the examples shipped in ``extproc_plugins/routing/data/route_utterances.yaml``.
 Pinned requests are left alone.
+
+A repeated prompt is not embedded again: each decision (a tier, or a pass) is remembered per worker,
+keyed on the tenant, the route text and the candidates (``memo_entries``, see
+:mod:`extproc_plugins.routing.route_memo`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from extproc_plugins.routing import ladder as routing
+from extproc_plugins.routing.route_memo import DEFAULT_ENTRIES, RouteMemo
 from extproc.embeddings import prompt as prompts
 from extproc.framework.config import ConfigError
 from extproc.framework.context import TierChoice
@@ -51,6 +56,8 @@ class SemanticRoutes:
         k: int = Field(3, ge=1, le=50, description="nearest examples that vote")
         default_tier: str | None = Field(None, description="when nothing is close enough (None: pass)")
         ladder: list[str] | None = None
+        memo_entries: int = Field(DEFAULT_ENTRIES, ge=0, description="decisions remembered per worker "
+                                  "(tenant, route text, candidates); 0: off (route_memo.py)")
 
     def __init__(self, settings: "SemanticRoutes.Settings | None" = None, *, embedder=None):
         self.settings = settings or self.Settings()
@@ -60,6 +67,7 @@ class SemanticRoutes:
         self.examples: list[str] = []
         self.example_tiers: np.ndarray = np.zeros(0, dtype=object)
         self.matrix: np.ndarray = np.zeros((0, 384), np.float32)
+        self.memo = RouteMemo(NAME, self.settings.memo_entries)
 
     def _routes(self) -> tuple[dict, str]:
         s = self.settings
@@ -82,6 +90,7 @@ class SemanticRoutes:
     @hookimpl
     async def extproc_startup(self, gateway):
         self.registry = gateway.tiers
+        self.memo = RouteMemo(NAME, self.settings.memo_entries)  # never a decision of another configuration
         tiers = gateway.tiers.tiers
         self.ladder = routing.policy_ladder(NAME, tiers, self.settings.ladder)
         routes, source = self._routes()
@@ -104,8 +113,16 @@ class SemanticRoutes:
             return None
         if not self.examples:
             raise RuntimeError("semantic_routes has no examples: its start-up failed (see the log)")
+        key = self.memo.key(ctx, prompts.route_text(ctx), candidates)
+        found, choice = self.memo.recall(ctx, key)
+        if found:
+            return choice
         vector = await prompts.prompt_embedding(ctx, self.embedder)
-        return self._decide(ctx, candidates, vector)
+        steps = len(ctx.route_trace)
+        choice = self._decide(ctx, candidates, vector)
+        note = "; ".join(step.partition(": ")[2] for step in ctx.route_trace[steps:]) or "pass"
+        self.memo.remember(key, choice, note)
+        return choice
 
     def nearest(self, vector: np.ndarray) -> list[tuple[float, str, str]]:
         """``(similarity, tier, example)`` of the ``k`` nearest examples, best first."""

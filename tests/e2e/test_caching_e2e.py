@@ -275,6 +275,33 @@ def test_lookups_and_savings_reach_the_metrics(gw):
                 - total(before, "extproc_cache_lookups_total", layer=layer, result=result)) >= 1, layer
 
 
+def test_a_repeated_auto_request_is_an_exact_hit_routed_from_memory(gw):
+    """``model: auto``: the first request is routed (embedded) and answered by Triton; its repeats
+    are exact hits whose tier comes from the routers' memo (extproc_plugins/routing/route_memo.py),
+    not from a new embedding: at most one routing per worker (the memo is per worker)."""
+    c, prompt = client(gw), f"Summarize the plot of Hamlet in two sentences {nonce()}"
+    before, triton_before = scrape(gw), sum(inferences(gw, m) for m in ("llm-small", "llm-medium", "llm-large"))
+    h_first, first = ask(c, prompt, model="auto")
+    repeats = [ask(c, prompt, model="auto") for _ in range(8)]
+    assert h_first["x-extproc-cache"] == "miss"
+    assert {h["x-extproc-cache"] for h, _ in repeats} == {"hit"}
+    assert {h["x-extproc-tier"] for h, _ in repeats} == {h_first["x-extproc-tier"]}
+    assert {r.choices[0].message.content for _, r in repeats} == {first.choices[0].message.content}
+    assert sum(inferences(gw, m) for m in ("llm-small", "llm-medium", "llm-large")) == triton_before + 1
+
+    def steps(samples, plugin):
+        return total(samples, "extproc_route_steps_total", plugin=plugin) - total(before, "extproc_route_steps_total", plugin=plugin)
+
+    deadline = time.monotonic() + 20
+    while True:  # request_finished runs as the stream closes; workers' metrics are merged on scrape
+        after = scrape(gw)
+        if steps(after, "route_memo") >= len(repeats) - 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert 1 <= steps(after, "semantic_routes") <= 2  # the first request, and at most once on the other worker
+    assert steps(after, "route_memo") >= len(repeats) - 1  # every other repeat: no embedding, no routing
+
+
 def test_two_gateway_processes_share_hits_through_redis(gw, stack, make_stack, cache_redis, tmp_path_factory):
     config = write_config(tmp_path_factory.mktemp("cache") / "two.yaml", cache_redis.url)
     two = make_stack(config, workers=1, redis=False, share_triton_with=stack)

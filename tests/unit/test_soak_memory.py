@@ -32,6 +32,7 @@ SETTLE = 1200  # traced from here: replaces every entry allocated before tracema
 MEASURED = 1500
 BUDGET_BYTES = 64 * 1024  # growth allowed over the measured part: 44 B per request (measured: ~6 KiB)
 EXACT_BOUND, IDEM_BOUND, EMBEDDINGS = 128 * 1024, 32 * 1024, 64
+ROUTE_MEMO = 64  # decisions each embedding router remembers (extproc_plugins/routing/route_memo.py)
 
 
 class HashEncoder:
@@ -53,6 +54,8 @@ def soak_config(tmp_path):
         "idempotency": {"memory_max_bytes": IDEM_BOUND},
         "usage_records": {"path": str(tmp_path / "usage.jsonl"), "flush_seconds": 60},
         "load_spill": {"max_depth": {}},  # no queue to read in process: nothing goes to the network
+        "semantic_routes": {"memo_entries": ROUTE_MEMO},
+        "learned_router": {"memo_entries": ROUTE_MEMO},
     }
     for entry in cfg["plugins"]:
         entry["settings"] = {**(entry.get("settings") or {}), **settings.get(entry["name"], {})}
@@ -157,6 +160,7 @@ async def test_memory_stays_bounded_over_thousands_of_distinct_requests(tmp_path
         assert store["max_bytes"] == bound and 0.8 * bound < store["bytes"] <= bound, (name, store)
     assert held_end["gateway.store"]["entries"] == 0  # no default plugin keeps state in the shared store
     assert len(hash_embedder.cache) == EMBEDDINGS
+    assert len(plugins["semantic_routes"].memo) == len(plugins["learned_router"].memo) == ROUTE_MEMO
     assert held_end["coalescing.in_flight"] == 0 and held_end["usage_records.pending"] == 0
     assert usage.dropped == 0
     assert held_end["metric_children"] == held_mid["metric_children"]  # label sets stopped growing
