@@ -88,14 +88,7 @@ class LearnedRouter:
             raise RuntimeError("learned_router has no model: its start-up failed (see the log)")
         tokens = await prompts.prompt_tokens_async(ctx)
         key = self.memo.key(ctx, prompts.route_text(ctx), candidates, tokens)
-        found, choice = self.memo.recall(ctx, key)
-        if found:
-            return choice
-        steps = len(ctx.route_trace)
-        choice = await self._decide(ctx, candidates, tokens)
-        note = "; ".join(step.partition(": ")[2] for step in ctx.route_trace[steps:]) or "pass"
-        self.memo.remember(key, choice, note)
-        return choice
+        return await self.memo.decided(ctx, key, lambda: self._decide(ctx, candidates, tokens))
 
     async def _decide(self, ctx, candidates, tokens: int):
         vector = await prompts.prompt_embedding(ctx, self.embedder)

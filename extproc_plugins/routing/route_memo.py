@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 from extproc.framework.context import TierChoice
 from extproc_plugins.routing import ladder as routing
@@ -87,6 +87,19 @@ class RouteMemo:
         if decision.tier is None:
             return True, None
         return True, TierChoice(decision.tier, decision.reason)  # a new one: adjusters change it in place
+
+    async def decided(self, ctx: "RequestContext", key: tuple | None,
+                      decide: Callable[[], Awaitable[TierChoice | None]]) -> TierChoice | None:
+        """The decision remembered for ``key``, else ``await decide()``'s, remembered with the
+        trace lines it added (replayed on a later :meth:`recall`)."""
+        found, choice = self.recall(ctx, key)
+        if found:
+            return choice
+        steps = len(ctx.route_trace)
+        choice = await decide()
+        note = "; ".join(step.partition(": ")[2] for step in ctx.route_trace[steps:]) or "pass"
+        self.remember(key, choice, note)
+        return choice
 
     def remember(self, key: tuple | None, choice: TierChoice | None, note: str) -> None:
         if key is None:

@@ -113,16 +113,11 @@ class SemanticRoutes:
             return None
         if not self.examples:
             raise RuntimeError("semantic_routes has no examples: its start-up failed (see the log)")
+        async def decide():
+            return self._decide(ctx, candidates, await prompts.prompt_embedding(ctx, self.embedder))
+
         key = self.memo.key(ctx, prompts.route_text(ctx), candidates)
-        found, choice = self.memo.recall(ctx, key)
-        if found:
-            return choice
-        vector = await prompts.prompt_embedding(ctx, self.embedder)
-        steps = len(ctx.route_trace)
-        choice = self._decide(ctx, candidates, vector)
-        note = "; ".join(step.partition(": ")[2] for step in ctx.route_trace[steps:]) or "pass"
-        self.memo.remember(key, choice, note)
-        return choice
+        return await self.memo.decided(ctx, key, decide)
 
     def nearest(self, vector: np.ndarray) -> list[tuple[float, str, str]]:
         """``(similarity, tier, example)`` of the ``k`` nearest examples, best first."""
