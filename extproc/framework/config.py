@@ -47,6 +47,9 @@ class ServerConfig(_Strict):
                               "the parent process on host:metrics_port; 0 = off")
     triton_metrics_url: str | None = Field(None, description="Triton's Prometheus endpoint: per-tier queue depth "
                                            "and GPU memory on /metrics, and GPU-hour cost apportioning")
+    blas_threads: int = Field(1, ge=0, description="BLAS threads per worker process (NumPy: the embedder, "
+                              "vector search); 0 = the library's choice (one per core); an explicit "
+                              "OPENBLAS_NUM_THREADS wins (extproc/serving/blas_threads.py)")
 
 
 class Price(_Strict):

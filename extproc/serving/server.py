@@ -33,6 +33,7 @@ from grpc_health.v1._async import HealthServicer
 from extproc import environment
 from extproc.framework.config import GatewayConfig
 from extproc.framework.gateway import Gateway
+from extproc.serving import blas_threads
 from extproc.serving.lifeline import die_with_parent
 from extproc.upstreams.registry import exports_triton_metrics
 from extproc.wire.processor import ExternalProcessor, add_to_server
@@ -197,6 +198,9 @@ def _worker_main(config: GatewayConfig, ready, index: int = 0, parent_pid: int |
     die_with_parent(parent_pid)  # a parent killed outright (SIGKILL) takes its workers with it
     environment.set_worker_index(index)  # lets a plugin run one thing once (the admin API)
     configure_logging(config.server.log_level)
+    threads = blas_threads.limit_blas_threads(
+        blas_threads.wanted_blas_threads(config.server.blas_threads, environment.process_environ()))
+    log.debug("worker %d: %s BLAS thread(s)", os.getpid(), threads if threads is not None else "no")
     try:
         recycled = asyncio.run(serve_worker(config, ready, index, recycle_lock))
     except Exception:
