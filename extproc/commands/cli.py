@@ -23,6 +23,8 @@ def _overrides(args) -> dict:
     out: dict = {"server": server} if server else {}
     if getattr(args, "redis", None):
         out["state"] = {"redis_url": args.redis}
+    if getattr(args, "embeddings_triton_url", None):
+        out["embeddings"] = {"triton_url": args.embeddings_triton_url}
     return out
 
 
@@ -86,7 +88,8 @@ def cmd_up(args) -> int:
                        triton_metrics=args.triton_port + 2)
     stack = Stack(Path(args.work_dir).resolve(), ports=ports, config_path=config_path,
                   models=tuple(args.models.split(",")), workers=args.workers, redis_url=args.redis,
-                  metrics_port=args.metrics_port, worker_sockets=args.worker_sockets, local_redis=local_redis)
+                  metrics_port=args.metrics_port, worker_sockets=args.worker_sockets, local_redis=local_redis,
+                  embedder=config.embeddings.backend == "triton")
     if args.worker_sockets and not args.workers:
         print("extproc up: --worker-sockets needs --workers N (Envoy lists one endpoint per worker)",
               file=sys.stderr)
@@ -123,6 +126,7 @@ llm-extproc is up ({time.monotonic() - started:.1f}s)
   ext_proc service            127.0.0.1:{p.extproc}  (gRPC, grpc.health.v1){
       f"; Envoy uses the sockets in {stack.socket_dir}" if stack.socket_dir else ""}
   Triton                      http://127.0.0.1:{p.triton_http}  (metrics :{p.triton_metrics})
+  embeddings                  {"Triton's embedder model" if stack.embedder else "in the service's workers"}
   Envoy admin                 http://127.0.0.1:{p.admin}
   metrics (Prometheus)        {f"http://127.0.0.1:{args.metrics_port}/metrics" if args.metrics_port else "off"}
   state                       {_state_line(stack.redis_url or config.state.redis_url, local=local_redis)}
@@ -242,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics here (0 = off)")
     serve.add_argument("--triton-metrics-url", help="Triton's /metrics (queue depth, GPU memory, GPU-hour cost)")
+    serve.add_argument("--embeddings-triton-url", metavar="URL",
+                       help="embeddings.triton_url: the Triton serving the embedder (with embeddings.backend triton)")
     serve.set_defaults(func=cmd_serve)
 
     up = sub.add_parser("up", help=cmd_up.__doc__)

@@ -27,6 +27,7 @@ from extproc.serving.lifeline import dying_with_parent
 
 DEFAULT_MODELS = ("llm-small", "llm-medium", "llm-large")
 TRITON_CLUSTERS = ("tier_small", "tier_medium", "tier_large")
+EMBEDDER_MODEL = "embedder"  #: triton_models/embedder (embeddings.backend: triton)
 
 
 def clusters_of(models) -> tuple[str, ...]:
@@ -113,9 +114,12 @@ def http_ok(url: str, timeout: float = 1.0) -> bool:
 
 def service_command(config_path: Path | None, port: int, workers: int | None, redis_url: str | None,
                     host: str = "127.0.0.1", metrics_port: int | None = None,
-                    triton_metrics_url: str | None = None, worker_sockets: Path | None = None) -> list[str]:
+                    triton_metrics_url: str | None = None, worker_sockets: Path | None = None,
+                    embeddings_triton_url: str | None = None) -> list[str]:
     """The command line that starts the ext_proc service (``extproc serve``)."""
     cmd = [sys.executable, "-m", "extproc", "serve", "--host", host, "--port", str(port)]
+    if embeddings_triton_url:
+        cmd += ["--embeddings-triton-url", embeddings_triton_url]
     if worker_sockets is not None:
         cmd += ["--worker-sockets", str(worker_sockets)]
     if metrics_port is not None:
@@ -189,6 +193,9 @@ class Stack:
     #: Start a Redis of the stack's own (work_dir/redis: Unix socket, AOF) and share state in it,
     #: unless ``redis_url`` names one already.
     local_redis: bool = False
+    #: The configuration computes embeddings on Triton (``embeddings.backend: triton``): the stack's
+    #: Triton loads the ``embedder`` model too, and the service is pointed at it.
+    embedder: bool = False
     triton: TritonProcess | None = None
     redis: ManagedProcess | None = None
     service: ManagedProcess | None = None
@@ -220,7 +227,7 @@ class Stack:
                 self.triton = TritonProcess(
                     self.triton_models, http_port=self.ports.triton_http, grpc_port=self.ports.triton_grpc,
                     metrics_port=self.ports.triton_metrics, work_dir=self.work_dir / "triton",
-                    log_path=logs / "triton.log", models=list(self.models), env=self.triton_env,
+                    log_path=logs / "triton.log", models=self.triton_models_loaded(), env=self.triton_env,
                 )
                 self.triton.start()
             self.start_service()
@@ -234,6 +241,10 @@ class Stack:
             self.stop()
             raise
         return self
+
+    def triton_models_loaded(self) -> list[str]:
+        """The models the stack's Triton loads: the tiers', and the embedder when asked for."""
+        return [*self.models, *((EMBEDDER_MODEL,) if self.embedder and EMBEDDER_MODEL not in self.models else ())]
 
     def _check_ports_free(self) -> None:
         """Fail before starting anything if a port is taken: otherwise the readiness checks would
@@ -264,7 +275,9 @@ class Stack:
             service_command(self.config_path, self.ports.extproc, self.workers, self.redis_url,
                             metrics_port=self.metrics_port,
                             triton_metrics_url=f"http://127.0.0.1:{self.ports.triton_metrics}/metrics",
-                            worker_sockets=self.socket_dir),
+                            worker_sockets=self.socket_dir,
+                            embeddings_triton_url=f"http://127.0.0.1:{self.ports.triton_http}"
+                            if self.embedder else None),
             self.work_dir / "logs" / "extproc.log",
         )
         self.service.start()

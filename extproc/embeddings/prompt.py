@@ -9,21 +9,46 @@
   router and the semantic cache all need the MiniLM embedding of the same text; the first to ask
   computes it (off the event loop, batched with other requests' texts), the others get it from the
   request, and a small per-process LRU serves repeated prompts.
+
+Where embeddings are computed is one process-wide choice (the ``embeddings:`` block of the
+configuration, :func:`configure_prompt_embedder`): ``local``, MiniLM in this process (NumPy, in
+the batcher's thread); or ``triton``, the ``embedder`` model of a Triton server
+(:mod:`extproc.embeddings.triton_client`; on GPUs in production), the same vectors. When Triton's
+embedder cannot answer (down, not loaded, slower than ``timeout_seconds``), ``on_unavailable``
+decides: ``local`` computes the batch in process instead (the request is served as before, counted
+as ``local_fallback``), ``fail`` raises :class:`EmbedderUnavailable` to the policy that asked (its
+``on_error`` then decides: fail_open goes on without it). After a failure Triton is not asked again
+for ``retry_seconds``, so an outage costs one timeout, not one per request. Start-up work (a
+policy's example utterances) falls back to the local encoder whatever ``on_unavailable`` says: it
+is the deployment's own text, and Triton may still be loading its models.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import threading
+import time
 import weakref
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Awaitable, Callable, Sequence
 
 import numpy as np
 
+from extproc.embeddings.triton_client import EmbedderUnavailable, TritonEmbeddingClient
+
 if TYPE_CHECKING:
+    from extproc.framework.config import EmbeddingsConfig
     from extproc.framework.context import RequestContext
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EmbedderUnavailable", "EmbeddingBatcher", "EmbeddingCache", "PromptEmbedder",
+           "configure_prompt_embedder", "prompt_embedder", "prompt_embedding"]
+
+LOCAL, TRITON, LOCAL_FALLBACK = "local", "triton", "local_fallback"
+"""Where an embedding was computed (``ctx.embedding_sources``, ``extproc_embeddings_total{backend}``)."""
 
 
 
@@ -119,8 +144,12 @@ class EmbeddingBatcher:
     process owns about one core and NumPy already uses it fully.
     """
 
-    def __init__(self, encode: Callable[[list[str]], np.ndarray], max_batch: int = 32):
+    def __init__(self, encode: Callable[[list[str]], np.ndarray], max_batch: int = 32, *,
+                 encode_async: "Callable[[list[str]], Awaitable[tuple[np.ndarray, str]]] | None" = None):
+        """:param encode: computes a batch in the batcher's thread (the local encoder).
+        :param encode_async: instead, a coroutine function returning ``(vectors, source)`` (Triton)."""
         self._encode = encode
+        self._encode_async = encode_async
         self.max_batch = max_batch
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._queues: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopQueue]" = weakref.WeakKeyDictionary()
@@ -133,8 +162,17 @@ class EmbeddingBatcher:
                 self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="extproc-embed")
             return self._executor
 
+    async def _run(self, loop: asyncio.AbstractEventLoop, texts: list[str]) -> tuple[np.ndarray, str]:
+        if self._encode_async is not None:
+            return await self._encode_async(texts)
+        return await loop.run_in_executor(self._pool(), self._encode, texts), LOCAL
+
     async def encode(self, text: str) -> np.ndarray:
         """The embedding of one text (float32, unit norm)."""
+        return (await self.encode_traced(text))[0]
+
+    async def encode_traced(self, text: str) -> tuple[np.ndarray, str]:
+        """``(embedding, source)``: the embedding of one text and where it was computed."""
         loop = asyncio.get_running_loop()
         queue = self._queues.get(loop)
         if queue is None:
@@ -152,7 +190,7 @@ class EmbeddingBatcher:
             return np.zeros((0, 384), np.float32)
         loop = asyncio.get_running_loop()
         self.batches += 1
-        return await loop.run_in_executor(self._pool(), self._encode, list(texts))
+        return (await self._run(loop, list(texts)))[0]
 
     async def _drain(self, loop: asyncio.AbstractEventLoop, queue: "_LoopQueue") -> None:
         try:
@@ -164,7 +202,7 @@ class EmbeddingBatcher:
                     continue
                 self.batches += 1
                 try:
-                    vectors = await loop.run_in_executor(self._pool(), self._encode, [t for t, _ in live])
+                    vectors, source = await self._run(loop, [t for t, _ in live])
                 except BaseException as exc:  # noqa: BLE001 - handed to every waiter
                     for _, future in live:
                         if not future.done():
@@ -174,7 +212,7 @@ class EmbeddingBatcher:
                     continue
                 for (_, future), vector in zip(live, vectors):
                     if not future.done():
-                        future.set_result(vector)
+                        future.set_result((vector, source))
         finally:
             queue.running = False
 
@@ -227,7 +265,14 @@ class PromptEmbedder:
     """The process-wide embedding service of the routing policies (see :func:`prompt_embedder`)."""
 
     def __init__(self, encoder_factory: Callable[[], object] | None = None, *,
-                 cache_entries: int = EMBEDDING_CACHE_ENTRIES, max_batch: int = 32):
+                 cache_entries: int = EMBEDDING_CACHE_ENTRIES, max_batch: int = 32,
+                 triton: TritonEmbeddingClient | None = None, on_unavailable: str = "local",
+                 retry_seconds: float = 2.0):
+        """:param triton: compute embeddings with Triton's embedder (None: in process).
+        :param on_unavailable: ``local`` (compute in process) or ``fail`` (raise) when Triton cannot.
+        :param retry_seconds: after a Triton failure, how long to go straight to ``on_unavailable``."""
+        if on_unavailable not in ("local", "fail"):
+            raise ValueError(f"on_unavailable: 'local' or 'fail', not {on_unavailable!r}")
         if encoder_factory is None:
             from extproc.embeddings.encoder import get_encoder
 
@@ -236,7 +281,46 @@ class PromptEmbedder:
         self._encoder = None
         self._encoder_lock = threading.Lock()
         self.cache = EmbeddingCache(cache_entries)
-        self.batcher = EmbeddingBatcher(self._encode, max_batch=max_batch)
+        self.triton = triton
+        self.on_unavailable = on_unavailable
+        self.retry_seconds = retry_seconds
+        self._triton_down_until = 0.0
+        self.settings_key: tuple | None = None  #: the configuration it was built from (configure_prompt_embedder)
+        self.texts = {LOCAL: 0, TRITON: 0, LOCAL_FALLBACK: 0}  #: texts embedded, by where
+        self.triton_failures = 0
+        self.batcher = EmbeddingBatcher(self._encode, max_batch=max_batch,
+                                        encode_async=self._encode_remote if triton is not None else None)
+
+    @property
+    def backend(self) -> str:
+        """``local`` or ``triton``: where this embedder computes."""
+        return TRITON if self.triton is not None else LOCAL
+
+    async def _encode_remote(self, texts: list[str]) -> tuple[np.ndarray, str]:
+        """A batch through Triton; when it cannot answer, ``on_unavailable`` decides."""
+        now = time.monotonic()
+        if now >= self._triton_down_until:
+            try:
+                vectors = await self.triton.embed(texts)
+                self.texts[TRITON] += len(texts)
+                return vectors, TRITON
+            except EmbedderUnavailable as exc:
+                self.triton_failures += 1
+                self._triton_down_until = time.monotonic() + self.retry_seconds
+                log.warning("embeddings: Triton's embedder did not answer (%s); %s for %.0fs, then retrying",
+                            exc, "computing in process" if self.on_unavailable == "local" else "failing the "
+                            "policies that ask", self.retry_seconds)
+                failure = exc
+        else:
+            failure = EmbedderUnavailable(f"{self.triton!r} failed less than {self.retry_seconds:g}s ago")
+        if self.on_unavailable == "fail":
+            raise failure
+        return await self._local_batch(texts), LOCAL_FALLBACK
+
+    async def _local_batch(self, texts: list[str]) -> np.ndarray:
+        vectors = await asyncio.get_running_loop().run_in_executor(self.batcher._pool(), self._encode, texts)
+        self.texts[LOCAL_FALLBACK if self.triton is not None else LOCAL] += len(texts)
+        return vectors
 
     @property
     def encoder(self):
@@ -248,24 +332,52 @@ class PromptEmbedder:
         return self._encoder
 
     def _encode(self, texts: list[str]) -> np.ndarray:
-        return np.asarray(self.encoder.encode(texts), dtype=np.float32)
+        vectors = np.asarray(self.encoder.encode(texts), dtype=np.float32)
+        if self.triton is None:
+            self.texts[LOCAL] += len(texts)
+        return vectors
 
     def load(self) -> None:
-        """Load the encoder now (start-up) rather than on the first request."""
-        _ = self.encoder
+        """Load the local encoder now (start-up) rather than on the first request: always for the
+        local backend, and for Triton when a failure falls back to it (``on_unavailable: local``)."""
+        if self.triton is None or self.on_unavailable == "local":
+            _ = self.encoder
 
     async def embed_text(self, text: str) -> tuple[np.ndarray, bool]:
         """``(embedding, computed)``: ``computed`` is False when the cache answered."""
+        vector, source = await self.embed_text_traced(text)
+        return vector, source is not None
+
+    async def embed_text_traced(self, text: str) -> tuple[np.ndarray, str | None]:
+        """``(embedding, source)``: where it was computed (:data:`LOCAL`, :data:`TRITON`,
+        :data:`LOCAL_FALLBACK`), None when the cache answered."""
         vector = self.cache.get(text)
         if vector is not None:
-            return vector, False
-        vector = await self.batcher.encode(text)
+            return vector, None
+        vector, source = await self.batcher.encode_traced(text)
         self.cache.put(text, vector)
-        return vector, True
+        return vector, source
 
     async def embed_many(self, texts: Sequence[str]) -> np.ndarray:
-        """Embeddings of many texts (start-up work; not cached)."""
-        return await self.batcher.encode_many([clip_text(t) for t in texts])
+        """Embeddings of many texts (start-up work; not cached). With Triton, computed there when it
+        answers, else in process whatever ``on_unavailable`` says (see the module docstring)."""
+        texts = [clip_text(t) for t in texts]
+        if self.triton is None or not texts:
+            return await self.batcher.encode_many(texts)
+        try:
+            vectors = await self.triton.embed(texts)
+            self.texts[TRITON] += len(texts)
+            return vectors
+        except EmbedderUnavailable as exc:
+            log.warning("embeddings: Triton's embedder did not answer for start-up work (%s); "
+                        "computing %d text(s) in process", exc, len(texts))
+            return await self._local_batch(texts)
+
+    def close(self) -> None:
+        """Stop the batcher's thread and close Triton connections."""
+        self.batcher.close()
+        if self.triton is not None:
+            self.triton.close()
 
 
 _shared: PromptEmbedder | None = None
@@ -276,8 +388,34 @@ _shared_lock = threading.Lock()
 
 
 
+def configure_prompt_embedder(settings: "EmbeddingsConfig | None") -> PromptEmbedder:
+    """Make the process-wide embedder follow ``settings`` (the ``embeddings:`` block; None: local).
+
+    The same settings keep the embedder there is (its cache, its connections); others replace it.
+    """
+    global _shared
+    key = None if settings is None else tuple(sorted(settings.model_dump().items()))
+    local = key is None or settings.backend == LOCAL
+    with _shared_lock:
+        if _shared is not None and (_shared.settings_key == key or (local and _shared.triton is None)):
+            return _shared
+        old = _shared
+        if local:
+            _shared = PromptEmbedder()
+        else:
+            client = TritonEmbeddingClient(settings.triton_url, model=settings.triton_model,
+                                           timeout=settings.timeout_seconds)
+            _shared = PromptEmbedder(triton=client, on_unavailable=settings.on_unavailable,
+                                     retry_seconds=settings.retry_seconds)
+        _shared.settings_key = key
+    if old is not None:
+        old.close()
+    return _shared
+
+
 def prompt_embedder() -> PromptEmbedder:
-    """The process-wide :class:`PromptEmbedder` (MiniLM, loaded on first use)."""
+    """The process-wide :class:`PromptEmbedder` (local MiniLM, loaded on first use, unless
+    :func:`configure_prompt_embedder` chose otherwise)."""
     global _shared
     if _shared is None:
         with _shared_lock:
@@ -290,14 +428,16 @@ def prompt_embedder() -> PromptEmbedder:
 async def prompt_embedding(ctx: "RequestContext", embedder: PromptEmbedder | None = None) -> np.ndarray:
     """The embedding of :func:`route_text` for this request, computed at most once per request.
 
-    Counts a computed embedding in ``ctx.embedding_calls`` (a cache hit is free).
+    Counts a computed embedding in ``ctx.embedding_calls`` and where it was computed in
+    ``ctx.embedding_sources`` (a cache hit is free).
     """
     held = ctx.plugin_state.get(_EMBEDDING_KEY)
     if held is not None:
         return held
     embedder = embedder or prompt_embedder()
-    vector, computed = await embedder.embed_text(route_text(ctx))
-    if computed:
+    vector, source = await embedder.embed_text_traced(route_text(ctx))
+    if source is not None:
         ctx.embedding_calls += 1
+        ctx.embedding_sources.append(source)
     ctx.plugin_state[_EMBEDDING_KEY] = vector
     return vector

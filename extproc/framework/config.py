@@ -147,6 +147,29 @@ class CostsConfig(_Strict):
                                      description="request headers whose value > 0 marks a client retry")
 
 
+class EmbeddingsConfig(_Strict):
+    """Where the worker computes prompt embeddings (the routers', the semantic cache's): one choice
+    per process (extproc/embeddings/prompt.py)."""
+
+    backend: Literal["local", "triton"] = Field("local", description="local: MiniLM in the worker (NumPy); "
+                                                "triton: Triton's embedder model (same vectors; GPUs in production)")
+    triton_url: str = Field("http://127.0.0.1:8000", description="Triton's HTTP endpoint (backend triton)")
+    triton_model: str = Field("embedder", description="the Triton model (triton_models/embedder)")
+    timeout_seconds: float = Field(2.0, gt=0, description="a batch Triton has not answered by then counts as a failure")
+    on_unavailable: Literal["local", "fail"] = Field(
+        "local", description="Triton's embedder down, not loaded or too slow: local computes in the worker "
+        "(the request is served as before; the worker loads MiniLM at start-up for it), fail raises to the "
+        "policy that asked (its on_error decides: fail_open goes on without it, flagged x-extproc-degraded)")
+    retry_seconds: float = Field(2.0, ge=0, description="after a failure, Triton is not asked again for this long")
+
+    @field_validator("triton_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith("http://"):
+            raise ValueError(f"expected http://host:port, got {value!r}")
+        return value.rstrip("/")
+
+
 class GatewayConfig(_Strict):
     """The whole gateway configuration."""
 
@@ -159,6 +182,7 @@ class GatewayConfig(_Strict):
     )
     state: StateConfig = Field(default_factory=StateConfig)
     costs: CostsConfig = Field(default_factory=CostsConfig)
+    embeddings: EmbeddingsConfig = Field(default_factory=EmbeddingsConfig)
 
     @model_validator(mode="after")
     def _check_references(self) -> "GatewayConfig":

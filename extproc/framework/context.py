@@ -72,6 +72,7 @@ class RequestContext:
     over_soft_budget: bool = False  # set by the budget policy; routing may downgrade the tier
     route_trace: list[str] = field(default_factory=list)  # "<plugin>: <what it did>" in order
     embedding_calls: int = 0
+    embedding_sources: list[str] = field(default_factory=list)  # where each was computed: local, triton, local_fallback
     timings_ms: dict[str, float] = field(default_factory=dict)  # phase or plugin -> milliseconds
     started: float = field(default_factory=time.perf_counter)
     upstream_sent_at: float | None = None  # perf_counter() when the request went upstream

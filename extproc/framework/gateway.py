@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from extproc.embeddings.prompt import configure_prompt_embedder
 from extproc.framework.config import ConfigError, GatewayConfig, TierConfig
 from extproc.observability.cost_model import CostModel
 from extproc.framework.lifecycle import RequestLifecycle
@@ -61,6 +62,7 @@ class Gateway:
     def __init__(self, config: GatewayConfig, *, extra_plugins: tuple[tuple[str, Any, dict, bool], ...] = ()):
         self.config = config
         self.tiers = TierRegistry(config)
+        self.embedder = configure_prompt_embedder(config.embeddings)  # before the plugins take it
         pm, loaded = load_plugins(config, extra=extra_plugins)
         self.hooks = HookRunner(pm, loaded)
         self.max_request_bytes = config.server.max_request_bytes

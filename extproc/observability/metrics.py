@@ -82,6 +82,9 @@ class GatewayMetrics:
         self.retries = Counter("extproc_retries_total", "Requests the client marked as retries.", who, registry=r)
         self.embedding_calls = Counter("extproc_embedding_calls_total", "Embedding calls made by policies.",
                                        ["tenant", "workflow"], registry=r)
+        self.embeddings = Counter("extproc_embeddings_total", "Prompt embeddings computed for requests, by "
+                                  "where: local (in the worker), triton (Triton's embedder), local_fallback "
+                                  "(in the worker because Triton could not answer).", ["backend"], registry=r)
         self.cache_requests = Counter("extproc_cache_requests_total", "Requests by cache status (hit, "
                                       "semantic_hit, coalesced, idempotent, miss, bypass).", ["tier", "status"],
                                       registry=r)

@@ -83,6 +83,8 @@ class Metrics:
             child(m.cost_saved, who).inc(ctx.cost_saved_usd)
         if ctx.embedding_calls:
             child(m.embedding_calls, (tenant, workflow)).inc(ctx.embedding_calls)
+        for source in ctx.embedding_sources:
+            child(m.embeddings, (source,)).inc()  # a fixed set (extproc.embeddings.prompt)
 
         if ctx.cache_status:
             child(m.cache_requests, (tier, self.name(ctx.cache_status))).inc()

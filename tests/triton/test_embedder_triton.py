@@ -115,3 +115,45 @@ def test_concurrent_requests_are_batched_and_correct(embedder_triton, encoder):
     assert emb.success >= 49 and emb.inference_count >= 48 + len(TEXTS)
     assert emb.exec_count < emb.inference_count and emb.avg_batch > 1.0
     assert emb.pending == 0
+
+
+def test_the_gateways_client_gets_the_in_process_vectors(embedder_triton, encoder):
+    """extproc.embeddings.triton_client (binary output, one infer per batch): the same vectors as
+    the worker's own encoder, long and non-ASCII texts included."""
+    import asyncio
+
+    from extproc.embeddings.triton_client import TritonEmbeddingClient
+
+    texts = TEXTS + ["Ελληνικά και العربية και עברית", "tab\tand\nnewline \"quoted\" \\ back", "x" * 2000]
+    client = TritonEmbeddingClient(embedder_triton.http_url, timeout=30)
+    served = asyncio.run(client.embed(texts))
+    local = encoder.encode(texts)
+    assert served.shape == (len(texts), 384) and served.dtype == np.float32
+    cosines = np.sum(served * local, axis=1) / (np.linalg.norm(served, axis=1) * np.linalg.norm(local, axis=1))
+    assert cosines.min() > 0.99999
+    assert np.abs(served - local).max() < 1e-5
+
+
+def test_prompt_embedder_on_triton_batches_concurrent_prompts(embedder_triton, encoder):
+    import asyncio
+
+    from extproc.embeddings import prompt as prompts
+    from extproc.embeddings.triton_client import TritonEmbeddingClient
+
+    embedder = prompts.PromptEmbedder(triton=TritonEmbeddingClient(embedder_triton.http_url, timeout=30),
+                                      on_unavailable="fail")
+    texts = [f"concurrent prompt {i}: {TEXTS[i % 4]}" for i in range(24)]
+
+    async def run():
+        return await asyncio.gather(*(embedder.batcher.encode_traced(t) for t in texts))
+
+    results = asyncio.run(run())
+    assert {source for _, source in results} == {"triton"}
+    assert embedder.batcher.batches < len(texts)  # concurrent asks went together
+    assert np.abs(np.stack([v for v, _ in results]) - encoder.encode(texts)).max() < 1e-5
+    assert embedder.texts == {"local": 0, "triton": len(texts), "local_fallback": 0}
+
+
+def test_the_model_runs_one_blas_thread(embedder_triton):
+    assert "blas_threads=1" in embedder_triton.log_tail(400) or "blas_threads=as the environment says" in \
+        embedder_triton.log_tail(400)

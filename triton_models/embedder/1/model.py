@@ -2,9 +2,12 @@
 
 Input ``text`` STRING [1] per item, output ``embedding`` FP32 [384] (mean pooling + L2 norm,
 same vectors as sentence-transformers).  The dynamic batcher hands several requests to one
-``execute``; all their texts go through the encoder together.
+``execute``; all their texts go through the encoder together.  The config parameter
+``blas_threads`` (default 1, ``auto``: the library's choice) sets the BLAS pool, as the LLM tiers
+do (reference_llm/blas_threads.py); an explicit ``OPENBLAS_NUM_THREADS`` wins.
 """
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -31,12 +34,30 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 from extproc.embeddings.encoder import MiniLMEncoder  # noqa: E402
 
 
+_BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _blas_threads(args) -> str:
+    """Apply the ``blas_threads`` parameter (unless the environment chose); returns what was done."""
+    params = json.loads(args.get("model_config", "{}")).get("parameters", {})
+    wanted = str(params.get("blas_threads", {}).get("string_value", "1")).strip().lower()
+    if any(os.environ.get(k) for k in _BLAS_ENV):
+        return "as the environment says"
+    if wanted in ("auto", "0", ""):
+        return "the library's choice"
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=int(wanted), user_api="blas")
+    return wanted
+
+
 class TritonPythonModel:
     def initialize(self, args):
         self.encoder = MiniLMEncoder.from_package()
+        threads = _blas_threads(args)
         pb_utils.Logger.log_info(
             f"embedder: all-MiniLM-L6-v2 from {self.encoder.model_dir} "
-            f"(dim={self.encoder.dim}, max_seq_length={self.encoder.max_seq_length})"
+            f"(dim={self.encoder.dim}, max_seq_length={self.encoder.max_seq_length}, blas_threads={threads})"
         )
 
     def execute(self, requests):
