@@ -13,7 +13,9 @@ is the gateway's, not a model's. Per backend (``embeddings.backend``):
 
 * ``local``: MiniLM in the gateway's workers (NumPy);
 * ``triton``: a Triton of its own serving only the ``embedder`` model; the gateway sends it the
-  prompts (``embeddings.backend: triton``).
+  prompts (``embeddings.backend: triton``), a worker's concurrent prompts as one request;
+* ``triton-unbatched``: the same with ``batch_in_gateway: false``, one request per prompt, merged
+  by Triton's dynamic batcher only.
 
 For each connection count: ``wrk -t1 -c<n> --latency`` (``benchmarks/wrk/bodies.lua``: every body
 once), p50/p99 and req/s, and the CPU seconds the gateway's workers and Triton used per request
@@ -161,7 +163,7 @@ def run_backend(backend: str, args, work: Path) -> dict:
         stub = ManagedProcess("stub", [sys.executable, str(STUB), "--port", str(ports["stub"])], logs / "stub.log")
         stub.start()
         procs.append(stub)
-        if backend == "triton":
+        if backend.startswith("triton"):
             t_ports = {k: free_port() for k in ("http", "grpc", "metrics")}
             triton = TritonProcess(ROOT / "triton_models", http_port=t_ports["http"], grpc_port=t_ports["grpc"],
                                    metrics_port=t_ports["metrics"], work_dir=work / backend / "triton",
@@ -169,7 +171,7 @@ def run_backend(backend: str, args, work: Path) -> dict:
             triton.start()
             triton.wait_ready(timeout=180)
             embeddings = {"backend": "triton", "triton_url": triton.http_url, "timeout_seconds": 2.0,
-                          "on_unavailable": "fail"}
+                          "on_unavailable": "fail", "batch_in_gateway": backend != "triton-unbatched"}
         config = write_config(work / backend / "config.yaml", args.workers, embeddings)
         service = ManagedProcess("service", service_command(config, ports["extproc"], args.workers, None),
                                  logs / "extproc.log")
@@ -200,7 +202,7 @@ def run_backend(backend: str, args, work: Path) -> dict:
                      triton_cpu_ms_per_request=(t1 - t0) * 1000 / max(r["requests"], 1),
                      rps=r["requests"] / (r["duration_us"] / 1e6))
             result["cases"][n] = r
-            print(f"{backend:<7} c={n:<3} load {load[0]:.2f}  {r['requests']:>6} req  {r['rps']:>7.1f} req/s  "
+            print(f"{backend:<16} c={n:<3} load {load[0]:.2f}  {r['requests']:>6} req  {r['rps']:>7.1f} req/s  "
                   f"p50 {r['p50_us'] / 1000:7.2f} ms  p99 {r['p99_us'] / 1000:7.2f} ms  non-2xx {r['errors_status']}  "
                   f"CPU/req: gateway {r['gateway_cpu_ms_per_request']:.2f} ms, "
                   f"triton {r['triton_cpu_ms_per_request']:.2f} ms", flush=True)
@@ -214,7 +216,7 @@ def run_backend(backend: str, args, work: Path) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--embeddings", default="local", help="comma-separated: local, triton")
+    ap.add_argument("--embeddings", default="local", help="comma-separated: local, triton, triton-unbatched")
     ap.add_argument("--connections", default="1,16", help="comma-separated connection counts")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
     ap.add_argument("--workers", type=int, default=2, help="gateway worker processes")

@@ -267,10 +267,12 @@ class PromptEmbedder:
     def __init__(self, encoder_factory: Callable[[], object] | None = None, *,
                  cache_entries: int = EMBEDDING_CACHE_ENTRIES, max_batch: int = 32,
                  triton: TritonEmbeddingClient | None = None, on_unavailable: str = "local",
-                 retry_seconds: float = 2.0):
+                 retry_seconds: float = 2.0, batch_in_gateway: bool = True):
         """:param triton: compute embeddings with Triton's embedder (None: in process).
         :param on_unavailable: ``local`` (compute in process) or ``fail`` (raise) when Triton cannot.
-        :param retry_seconds: after a Triton failure, how long to go straight to ``on_unavailable``."""
+        :param retry_seconds: after a Triton failure, how long to go straight to ``on_unavailable``.
+        :param batch_in_gateway: False: each prompt its own Triton request (Triton's dynamic batcher
+            merges them) instead of the batcher's one request per batch."""
         if on_unavailable not in ("local", "fail"):
             raise ValueError(f"on_unavailable: 'local' or 'fail', not {on_unavailable!r}")
         if encoder_factory is None:
@@ -284,6 +286,7 @@ class PromptEmbedder:
         self.triton = triton
         self.on_unavailable = on_unavailable
         self.retry_seconds = retry_seconds
+        self.batch_in_gateway = batch_in_gateway
         self._triton_down_until = 0.0
         self.settings_key: tuple | None = None  #: the configuration it was built from (configure_prompt_embedder)
         self.texts = {LOCAL: 0, TRITON: 0, LOCAL_FALLBACK: 0}  #: texts embedded, by where
@@ -354,7 +357,11 @@ class PromptEmbedder:
         vector = self.cache.get(text)
         if vector is not None:
             return vector, None
-        vector, source = await self.batcher.encode_traced(text)
+        if self.triton is not None and not self.batch_in_gateway:
+            vectors, source = await self._encode_remote([text])
+            vector = vectors[0]
+        else:
+            vector, source = await self.batcher.encode_traced(text)
         self.cache.put(text, vector)
         return vector, source
 
@@ -406,7 +413,7 @@ def configure_prompt_embedder(settings: "EmbeddingsConfig | None") -> PromptEmbe
             client = TritonEmbeddingClient(settings.triton_url, model=settings.triton_model,
                                            timeout=settings.timeout_seconds)
             _shared = PromptEmbedder(triton=client, on_unavailable=settings.on_unavailable,
-                                     retry_seconds=settings.retry_seconds)
+                                     retry_seconds=settings.retry_seconds, batch_in_gateway=settings.batch_in_gateway)
         _shared.settings_key = key
     if old is not None:
         old.close()

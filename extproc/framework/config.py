@@ -161,6 +161,9 @@ class EmbeddingsConfig(_Strict):
         "(the request is served as before; the worker loads MiniLM at start-up for it), fail raises to the "
         "policy that asked (its on_error decides: fail_open goes on without it, flagged x-extproc-degraded)")
     retry_seconds: float = Field(2.0, ge=0, description="after a failure, Triton is not asked again for this long")
+    batch_in_gateway: bool = Field(True, description="true: a worker's concurrent prompts go to Triton as one "
+                                   "request (the batcher); false: one request each, merged by Triton's dynamic "
+                                   "batcher only")
 
     @field_validator("triton_url")
     @classmethod

@@ -60,6 +60,13 @@ async def test_triton_computes_and_says_so():
     assert embedder.backend == "triton" and embedder.texts["triton"] == 5
 
 
+async def test_without_gateway_batching_each_prompt_is_its_own_triton_request():
+    triton = FakeTriton()
+    embedder = prompts.PromptEmbedder(LocalEncoder, triton=triton, batch_in_gateway=False)
+    results = await asyncio.gather(*(embedder.embed_text_traced(f"t{i}") for i in range(4)))
+    assert [s for _, s in results] == ["triton"] * 4 and sorted(map(len, triton.calls)) == [1, 1, 1, 1]
+
+
 async def test_unavailable_falls_back_in_process_then_skips_triton_for_retry_seconds():
     local, triton = LocalEncoder(), FakeTriton(down=True)
     embedder = prompts.PromptEmbedder(lambda: local, triton=triton, on_unavailable="local", retry_seconds=60)
