@@ -1,10 +1,13 @@
 """Semantic cache precision through the real decision path, on the development and held-out sets.
 
     python benchmarks/bench_semantic_cache_precision.py [--sets dev heldout] [--threshold T] [--out f.json]
+    python benchmarks/bench_semantic_cache_precision.py --set-dir PATH [--name NAME] [--set-dir PATH2 ...]
 
 Data: ``benchmarks/data/semantic_dev/*.jsonl`` (written to tune the guard) and
-``benchmarks/data/semantic_heldout/*.jsonl`` (written by someone else, read only after the guard and
-threshold were frozen). Each line: ``{"id", "a", "b", "same": bool, "kind", "note"}``.
+``benchmarks/data/semantic_heldout/*.jsonl`` (written by someone else; measured once on guard
+ce91f42, development data since), or any folder of such files given with ``--set-dir`` (a new
+held-out set: no code change needed; ``--name`` labels it in the output and in ``--out``).
+Each line: ``{"id", "a", "b", "same": bool, "kind", "note"}``.
 
 For every pair the benchmark runs the real gateway in process (:class:`GatewayHarness` with the
 ``semantic_cache`` policy, memory state, the default settings unless ``--threshold``): it sends ``a``
@@ -153,16 +156,26 @@ def report(name: str, pairs: list[dict], run: dict, threshold: float) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sets", nargs="+", default=["dev", "heldout"], choices=sorted(SETS))
+    ap.add_argument("--sets", nargs="+", default=None, choices=sorted(SETS),
+                    help="the sets in benchmarks/data/ (default: both, unless --set-dir is given)")
+    ap.add_argument("--set-dir", type=Path, action="append", default=[],
+                    help="a folder of *.jsonl pairs to measure (repeatable)")
+    ap.add_argument("--name", action="append", default=[],
+                    help="a label for each --set-dir, in order (default: the folder's name)")
     ap.add_argument("--threshold", type=float, default=SemanticCache.Settings().threshold)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     settings = {"threshold": args.threshold, "reuse_embeddings": False}
-    out = {"threshold": args.threshold}
-    for name in args.sets:
-        pairs = load(SETS[name])
+    out = {"threshold": args.threshold, "guard": SemanticCache.Settings().guard.model_dump()}
+    chosen = [(n, SETS[n]) for n in (args.sets if args.sets is not None else ([] if args.set_dir else sorted(SETS)))]
+    for i, folder in enumerate(args.set_dir):
+        if not folder.is_dir():
+            ap.error(f"--set-dir {folder}: not a folder")
+        chosen.append((args.name[i] if i < len(args.name) else folder.name, folder))
+    for name, folder in chosen:
+        pairs = load(folder)
         if not pairs:
-            print(f"\n== {name}: no pairs in {SETS[name]}")
+            print(f"\n== {name}: no pairs in {folder}")
             continue
         t0 = time.perf_counter()
         run = asyncio.run(run_set(pairs, settings))

@@ -51,7 +51,7 @@ from extproc.upstreams.registry import default_max_tokens
 from extproc_plugins.caching.semantic_guard import GuardChecks, compatible
 from extproc.state.memory import MemoryStore
 from extproc.state.store import StoreUnavailable
-from extproc_plugins.caching.semantic_verify import SPAN_MIN_COSINE, spans_agree, structure
+from extproc_plugins.caching.semantic_verify import EDIT_MIN_COSINE, SPAN_MIN_COSINE, spans_agree, structure
 from extproc_plugins.caching.vector_index import open_vector_index
 
 NAME = "semantic_cache"
@@ -72,6 +72,9 @@ class _Guard(BaseModel):
                         "degree words, swapped word order")
     span_min_cosine: float = Field(SPAN_MIN_COSINE, ge=0, le=1, description="a small substitution's own "
                                    "spans must embed at least this close (0: not checked)")
+    edit_min_cosine: float = Field(EDIT_MIN_COSINE, ge=0, le=1, description="in a near-identical pair, "
+                                   "a content word replaced by another must embed at least this close "
+                                   "(extproc_plugins.caching.semantic_edit; 1: never accepted)")
 
 
 @dataclass(slots=True)
@@ -88,7 +91,8 @@ class SemanticCache:
     class Settings(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-        threshold: float = Field(0.85, ge=0, le=1, description="minimum cosine similarity for a hit")
+        threshold: float = Field(0.75, ge=0, le=1, description="minimum cosine similarity for a candidate "
+                                 "(each candidate is then verified: the guard and the alignment)")
         mode: Literal["last_user", "conversation"] = "last_user"
         guard: _Guard = Field(default_factory=_Guard)
         ttl: CacheTTL = Field(default_factory=CacheTTL)
@@ -109,7 +113,8 @@ class SemanticCache:
 
     def __init__(self, settings: "SemanticCache.Settings"):
         self.settings = settings
-        self.checks = GuardChecks(**settings.guard.model_dump(exclude={"align", "span_min_cosine"}))
+        self.checks = GuardChecks(**settings.guard.model_dump(exclude={"align", "span_min_cosine",
+                                                                     "edit_min_cosine"}))
         self.store = None
         self.index = None
         self.encoder = None  # the worker's embedder (extproc.embeddings.prompt.prompt_embedder), once loaded
@@ -228,7 +233,9 @@ class SemanticCache:
     async def verify(self, stored: str, text: str) -> tuple[bool, str]:
         """Whether ``text`` may be answered with the answer stored for ``stored`` (a candidate the
         index found at or above the threshold): the lexicon guard, then the alignment of the two
-        prompts, then the embeddings of a small substitution's own spans. ``(ok, which check said no)``."""
+        prompts (with the edit check of :mod:`extproc_plugins.caching.semantic_edit`), then the embeddings
+        of the replaced words of a near-identical pair and of a small substitution's own spans.
+        ``(ok, which check said no)``."""
         ok, why = compatible(stored, text, self.checks)
         if not ok:
             return False, why
@@ -238,9 +245,15 @@ class SemanticCache:
         verdict = structure(stored, text)
         if not verdict.ok:
             return False, verdict.reason
-        if not verdict.spans or g.span_min_cosine <= 0:
+        loose = verdict.spans if g.span_min_cosine > 0 else ()
+        if not loose and not verdict.edit_spans:
             return True, ""
-        return spans_agree(verdict.spans, await self._span_vectors(verdict.spans), g.span_min_cosine)
+        vectors = await self._span_vectors(verdict.edit_spans + loose)  # one encoder call for both
+        n = 2 * len(verdict.edit_spans)
+        ok, why = spans_agree(verdict.edit_spans, vectors[:n], g.edit_min_cosine, "edit:replaced")
+        if not ok:
+            return ok, why
+        return spans_agree(loose, vectors[n:], g.span_min_cosine)
 
     async def _span_vectors(self, spans) -> np.ndarray:
         """The spans' embeddings (``a`` then ``b`` of each pair), through the worker's embedding cache."""

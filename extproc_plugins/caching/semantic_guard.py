@@ -216,8 +216,11 @@ def features(text: str) -> Features:
             # A capitalised word is a name unless it merely starts a sentence; a sentence-initial
             # one counts too unless it is a contrast word. Over-detection is cheap: the check
             # only asks that the word occur in the other text.
+            # A word that merely opens a sentence ("Draft ...", "Typically, ...") is not a name
+            # unless its spelling says so (PostgreSQL, ICD-10, GP: a second capital or a digit).
             at_start = m.start() in starts or not text[: m.start()].strip()
-            if not at_start or base not in _CONTRAST:
+            marked = any(c.isupper() or c.isdigit() for c in raw[1:])
+            if not at_start or (marked and base not in _CONTRAST):
                 entities.add((base,))
         if low in _DIRECTION_WORDS:
             content.append("->" if low in ("to", "into") else "<-")
@@ -241,11 +244,23 @@ def features(text: str) -> Features:
                     frozenset(contrast), frozenset(pairs))
 
 
+def _word_in(name: str, words: frozenset) -> bool:
+    """``name`` among ``words``, or the same name with at most 3 letters more at the end (Postgres /
+    PostgreSQL, Monday / Mondays; not Java / JavaScript)."""
+    if name in words:
+        return True
+    for w in words:
+        short, long = sorted((name, w), key=len)
+        if len(short) >= 4 and long.startswith(short) and len(long) - len(short) <= 3:
+            return True
+    return False
+
+
 def _named_in(entities: frozenset, words: frozenset) -> bool:
     """Whether every name occurs in ``words``: each of its words, or a multi-word name's initials."""
     for name in entities:
         if len(name) == 1:
-            if name[0] not in words:
+            if not _word_in(name[0], words):
                 return False
         elif not (all(w in words for w in name[:-1]) or name[-1] in words):
             return False

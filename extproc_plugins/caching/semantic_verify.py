@@ -3,13 +3,19 @@
 Run only when the vector index returned a candidate at or above the threshold (and the lexicon guard,
 :mod:`extproc_plugins.caching.semantic_guard`, passed it). Whole-sentence cosine cannot tell
 "ascending" from "descending" or "ethanol" from "methanol": the sentences share every other word.
-So the two texts are tokenised (lower case, contractions split, number words as digits, a light
-stem), aligned with :class:`difflib.SequenceMatcher`, and the *differing spans* are judged:
+So the two texts are tokenised (lower case, contractions split, hyphenated words split, number
+words as digits, a light stem, "have to" as "must", a short word right after a number kept as a
+case-sensitive unit: "unit:MBps" is not "unit:Mbps"), aligned with :class:`difflib.SequenceMatcher`,
+and the *differing spans* are judged:
 
 ``classes``   a differing span holds a word of a closed class whose members are not interchangeable
-              (numbers, times and dates, units, scope and quantifier words, strong modals, negation)
-              and the other side's differing spans do not hold it (or a same-meaning member): reject;
-              for ordering, format, audience and polarity words only a swap within the class rejects
+              (numbers, times and dates, units, scope and exceptive words, negation) and the other
+              side's differing spans do not hold it (or a same-meaning member): reject. In a pair
+              that rephrases its question (the edit check's framing differs) only numbers, symbols,
+              units after a number and negation reject on one side alone; a time or scope word
+              rejects there only against another word of its class ("tomorrow" / "yesterday"), so
+              "warning signs" / "early signs" or "every day" / "daily" still hit. For ordering,
+              format, audience, polarity and direction words only a swap within the class rejects
               (an inserted "simple" or "best" is mostly filler). A small lexicon, one signal among
               the others.
 ``affix``     a word of one side is a word of the other with a negating prefix (install /
@@ -22,6 +28,12 @@ stem), aligned with :class:`difflib.SequenceMatcher`, and the *differing spans* 
 ``degree``    a substitution with a degree word on both sides that differ ("faster" / "slower",
               "safest" / "least safe"): reject. MiniLM embeds such antonyms as close as synonyms
               (faster / slower 0.88, quickest / fastest 0.72), so no span cosine can tell them apart.
+``edit``      the shape of the edit (:mod:`extproc_plugins.caching.semantic_edit`): in a
+              near-identical pair every content word left over must be explained (moved, one stem,
+              or framing); one added or dropped rejects, one replaced must embed on its own at
+              ``edit_min_cosine`` or more (0.70: a stricter bar than the loose span check); content
+              words exchanged between two places reject; the modality (obligation, permission,
+              advice...) must be the same.
 ``spans``     a small substitution (at most 3 words each side, the rest of the sentence aligned)
               must be a near-synonym: the two spans are embedded on their own with the same MiniLM
               and their cosine must reach ``span_min_cosine``. Synonyms ("largest" / "biggest",
@@ -42,18 +54,23 @@ from functools import lru_cache
 
 import numpy as np
 
+from extproc_plugins.caching.semantic_edit import FRAME, edit
+
 __all__ = ["Structure", "structure", "spans_agree", "tokens", "SPAN_MIN_COSINE"]
 
-SPAN_MIN_COSINE = 0.30
+SPAN_MIN_COSINE = 0.20
+EDIT_MIN_COSINE = 0.70
+EDIT_MAX_LEFT = 5
 MAX_SPAN_WORDS = 3
+_ALWAYS = frozenset({"number", "symbol", "negation"})
 
-_TOKEN = re.compile(r"[a-z]+(?:-[a-z]+)*|\d+(?:[.,:]\d+)*(?:st|nd|rd|th|am|pm|%)?|[$€£%]")
+_TOKEN = re.compile(r"[a-z]+(?:-[a-z]+)*|\d+(?:[.,:]\d+)*(?:st|nd|rd|th|am|pm|%)?|[$€£%]", re.I)
 _LETTER = re.compile(r"([^.!?\s]\s*[\s(\"']|[,;:]\s+)(?!I\b)([A-Z])\b(?!['\u2019]|\.\w)")
 _CONTRACTIONS = [
-    (re.compile(r"\bwon't\b"), "will not"), (re.compile(r"\bcan't\b"), "can not"),
-    (re.compile(r"\bcannot\b"), "can not"), (re.compile(r"n't\b"), " not"),
-    (re.compile(r"'s\b"), " is"), (re.compile(r"'re\b"), " are"), (re.compile(r"'ve\b"), " have"),
-    (re.compile(r"'m\b"), " am"), (re.compile(r"'ll\b"), " will"), (re.compile(r"'d\b"), " would"),
+    (re.compile(r"\bwon't\b", re.I), "will not"), (re.compile(r"\bcan't\b", re.I), "can not"),
+    (re.compile(r"\bcannot\b", re.I), "can not"), (re.compile(r"n't\b", re.I), " not"),
+    (re.compile(r"'s\b", re.I), " is"), (re.compile(r"'re\b", re.I), " are"), (re.compile(r"'ve\b", re.I), " have"),
+    (re.compile(r"'m\b", re.I), " am"), (re.compile(r"'ll\b", re.I), " will"), (re.compile(r"'d\b", re.I), " would"),
 ]
 _NUMBERS = {w: str(i) for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
@@ -89,24 +106,26 @@ _CLASS_WORDS = {
                tablespoon teaspoon celsius fahrenheit kelvin second minute hour day week month year byte
                kilobyte=kb megabyte=mb gigabyte=gb terabyte=tb acre hectare dollar euro yen pound
                percent=% mph kph watt volt calorie joule""",
-    "scope": """all=every=each=whole=entire only few several none both either neither part partial
-                always sometimes usually rarely often majority minority""",
-    "modal": """must should may might need required=require mandatory optional allowed=permitted legal
-                illegal necessary possible impossible recommended wise advisable definitely probably
-                likely unlikely certainly""",
-    "negation": """not=no=never=without=nothing=nobody=none=nor""",
+    "scope": """all=every=each=whole=entire only some=few=several none both either neither part partial
+                always sometimes usually rarely often majority minority except=excluding=besides unless
+                exclusively""",
+    "negation": """not=no=never=without=nothing=nobody=none=nor non impossible""",
 }
 # Classes whose words matter only when swapped for another word of the same class (an inserted
 # "best" or "simple" is mostly filler; "ascending" -> "descending" or "formal" -> "casual" is not).
 _SWAP_CLASS_WORDS = {
     "order": """ascending descending increasing decreasing first last final next previous top bottom
                 beginning end=finish start=begin newest oldest latest earliest forward backward reverse""",
-    "format": """json yaml xml csv markdown bullet paragraph sentence essay poem haiku sonnet limerick tweet
-                 numbered prose table chart""",
-    "audience": """child=kid children=kids toddler teenager beginner expert professional novice
-                   grandmother student layperson lawyer formal informal casual polite rude funny serious
-                   technical playful""",
+    "format": """json yaml xml csv markdown html latex pdf bullet paragraph sentence essay poem haiku sonnet
+                 limerick tweet numbered prose table chart graph diagram flowchart spreadsheet email=e-mail
+                 letter memo report outline slide presentation script story article blog post text message
+                 list""",
+    "audience": """child=kid children=kids baby=infant toddler preschooler teen=teenager adult senior=elderly
+                   beginner intermediate advanced expert=specialist professional novice grandmother student
+                   layperson=layman lawyer formal informal casual polite rude funny serious technical
+                   playful""",
     "polarity": """pros=advantage=benefit=upside cons=disadvantage=drawback=downside risk=danger good bad""",
+    "direction": """from to=into=onto toward=towards away""",
 }
 _SWAP_CLASSES: dict[str, str] = {}
 _CANON: dict[str, str] = {}
@@ -128,7 +147,6 @@ _NEG_PREFIX = ("un", "dis", "de", "in", "im", "non", "il", "ir")
 _PAIR_PREFIX = frozenset({"in", "ex", "im", "up", "down", "en", "de", "inc", "dec", "pre", "post", "over",
                           "under", "sub", "super", "pro", "anti", "hyper", "hypo", "micro", "macro", "inter",
                           "intra", "intro", "extro", "im", "ex"})
-_WH = frozenset({"how", "what", "which", "where", "when", "who", "why"})
 
 
 def _stem(word: str) -> str:
@@ -139,26 +157,45 @@ def _stem(word: str) -> str:
     return word
 
 
+_UNIT_AFTER_NUMBER = 4  # letters: a short word right after a number is its unit (5 mg, 100 Mbps, 4 ft)
+_OBLIGATION = re.compile(r"\b(?:have|has|had|got) to\b")
+
+
 @lru_cache(maxsize=4096)
 def tokens(text: str) -> tuple[str, ...]:
-    """Normalised tokens: lower case, contractions split, number words as digits, a light stem."""
+    """Normalised tokens: lower case, contractions split, hyphenated words split, number words as
+    digits, a light stem; "have to" as "must"; a short word right after a number is a unit and
+    keeps its case ("unit:MBps" is not "unit:Mbps")."""
     # a lone capital letter other than "I", not opening a sentence, is a symbol (A to Z, vitamin C)
-    t = _LETTER.sub(lambda m: m.group(1) + "letter-" + m.group(2).lower(), text)
-    t = t.lower().replace("\u2019", "'")
+    t = _LETTER.sub(lambda m: m.group(1) + "letter-" + m.group(2).lower(), text).replace("\u2019", "'")
     for pattern, repl in _CONTRACTIONS:
         t = pattern.sub(repl, t)
-    out = []
+    t = _OBLIGATION.sub("must", t)
+    out: list[str] = []
     for m in _TOKEN.finditer(t):
-        w = m.group(0)
-        w = _NUMBERS.get(w, w)
-        o = _ORDINAL.match(w)
-        if o:
-            w = o.group(1) + "th"
-        out.append(_stem(w) if w[0].isalpha() and w not in _STOP else w)
+        raw = m.group(0)
+        parts = [raw] if raw.startswith("letter-") else raw.split("-")
+        for part in parts:
+            if not part:
+                continue
+            w = _NUMBERS.get(part.lower(), part.lower())
+            o = _ORDINAL.match(w)
+            if o:
+                w = o.group(1) + "th"
+            if out and out[-1][0].isdigit() and w in ("am", "pm"):  # "6 am" is "6am"
+                out[-1] += w
+                continue
+            if out and out[-1][0].isdigit() and part.isalpha() and len(part) <= _UNIT_AFTER_NUMBER \
+                    and w not in _STOP and (w not in _CLASSES or not part.islower()):
+                out.append("unit:" + part)
+                continue
+            out.append(_stem(w) if w[0].isalpha() and w not in _STOP else w)
     return tuple(out)
 
 
 def _cls(word: str) -> str | None:
+    if word.startswith("unit:"):
+        return "unit"
     if word[0].isdigit() or word in ("$", "€", "£"):
         return "number"
     if word.startswith("letter-"):
@@ -173,6 +210,7 @@ class Structure:
     ok: bool
     reason: str = ""
     spans: tuple[tuple[str, str], ...] = ()
+    edit_spans: tuple[tuple[str, str], ...] = ()  # a near-identical pair's replaced words
 
 
 def _affixed(x: str, y: str) -> bool:
@@ -256,16 +294,20 @@ def structure(a: str, b: str) -> Structure:
     set_a, set_b = set(only_a), set(only_b)
     canon_a = {_CANON.get(w, w) for w in only_a}
     canon_b = {_CANON.get(w, w) for w in only_b}
-    # closed classes: a class word on one side's differing spans, not on the other's
-    for side, other, seq in ((only_a, canon_b, ta), (only_b, canon_a, tb)):
+    marked = frozenset(w for w in ta + tb if _cls(w) or w in _SWAP_CLASSES)
+    judged = edit(ta, tb, ops, _STOP - marked, max_left=EDIT_MAX_LEFT, canon=_CANON)
+    # closed classes: a class word on one side's differing spans, not on the other's (in a
+    # rephrased question only the classes whose words are never reworded: numbers, symbols, units
+    # written after a number, negation)
+    strict = judged.near_identical
+    for side, other, other_words in ((only_a, canon_b, only_b), (only_b, canon_a, only_a)):
         for w in side:
             c = _cls(w)
             if c is None or _CANON.get(w, w) in other:
                 continue
-            if c == "modal":  # "how should I" asks the same as "how do I"
-                idx = seq.index(w)
-                if idx > 0 and seq[idx - 1] in _WH:
-                    continue
+            if not strict and c not in _ALWAYS and not w.startswith("unit:") \
+                    and not any(_cls(o) == c for o in other_words):
+                continue  # a rephrased question may add "early" or "daily"; not "tomorrow" for "yesterday"
             return Structure(False, f"class:{c}")
     # swap classes: a word of the class replaced by another word of the same class
     for tag, i1, i2, j1, j2 in ops:
@@ -288,21 +330,24 @@ def structure(a: str, b: str) -> Structure:
                 return Structure(False, "degree")
     if _swapped(ta, tb) or _permuted(ta, tb):
         return Structure(False, "order")
+    if judged.reason:
+        return Structure(False, judged.reason)
     # small substitutions must be near-synonyms (judged by the caller's embeddings)
     content_a = [w for w in only_a if w not in _STOP]
     content_b = [w for w in only_b if w not in _STOP]
     if content_a and content_b:
         for tag, i1, i2, j1, j2 in ops:
-            sa = [w for w in ta[i1:i2] if w not in _STOP]
-            sb = [w for w in tb[j1:j2] if w not in _STOP]
+            sa = [w for w in ta[i1:i2] if w not in _STOP and w not in FRAME]
+            sb = [w for w in tb[j1:j2] if w not in _STOP and w not in FRAME]
             if sa and sb and len(sa) <= MAX_SPAN_WORDS and len(sb) <= MAX_SPAN_WORDS:
                 spans.append((" ".join(sa), " ".join(sb)))
-    return Structure(True, "", tuple(spans))
+    return Structure(True, "", tuple(spans), judged.spans)
 
 
-def spans_agree(spans, vectors: np.ndarray, min_cosine: float = SPAN_MIN_COSINE) -> tuple[bool, str]:
+def spans_agree(spans, vectors: np.ndarray, min_cosine: float = SPAN_MIN_COSINE,
+                reason: str = "spans") -> tuple[bool, str]:
     """``vectors``: the unit embeddings of every span, ``a`` then ``b`` of each pair, in order."""
     for i in range(len(spans)):
         if float(vectors[2 * i] @ vectors[2 * i + 1]) < min_cosine:
-            return False, "spans"
+            return False, reason
     return True, ""
