@@ -57,7 +57,8 @@ def cmd_router_train(args) -> int:
         result = router_training.train(args.data, prices=_prices(args.config), holdout=args.holdout,
                                        strong_share=args.strong_share, medium_share=args.medium_share,
                                        l2=args.l2, folds=args.folds, seed=args.seed,
-                                       completion_tokens=args.completion_tokens)
+                                       completion_tokens=args.completion_tokens,
+                                       length_feature=args.length_feature)
     except (RouterDataError, ValueError) as err:
         print(f"extproc router train: {err}", file=sys.stderr)
         return 2
@@ -127,6 +128,9 @@ def add_route_parsers(sub) -> None:
     train.add_argument("--l2", type=float, default=1e-2, help="L2 penalty (default 0.01)")
     train.add_argument("--folds", type=int, default=5, help="cross-validation folds for calibration")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--length-feature", action="store_true",
+                       help="also read the prompt's log token count (off: the tier follows the task, "
+                            "not how much text is attached; context windows are route_rules' job)")
     train.set_defaults(func=cmd_router_train)
     ev = rsub.add_parser("eval", parents=[common], help=cmd_router_eval.__doc__)
     ev.add_argument("--model", help="trained model (default: the one shipped with the package)")

@@ -4,8 +4,9 @@ The model (:mod:`extproc_plugins.routing.router_model`) is trained with ``extpro
 and judged with ``extproc router eval``; the package ships one trained on its own labelled set
 (``extproc_plugins/routing/data/learned_router.json``), so ``auto`` is routed sensibly out of the box.
 
-For each ``auto`` request: the prompt's embedding (shared with the semantic routes: computed once
-per request) and its token count give P(tier); the strongest tier whose cumulative score reaches its
+For each ``auto`` request: the embedding of what the prompt asks (its task text,
+:mod:`extproc_plugins.routing.task_text`; shared with the semantic routes: computed once per
+request) gives P(tier) -- and the prompt's token count, for a model trained with it; the strongest tier whose cumulative score reaches its
 calibrated threshold is chosen (RouteLLM-style: the thresholds were set so that a target share of
 traffic reaches the strong tier). If a policy before removed that tier from the candidates, the
 nearest allowed tier is taken (the cheaper one on a tie). Pinned requests are left alone.
@@ -13,8 +14,8 @@ nearest allowed tier is taken (the cheaper one on a tie). Pinned requests are le
 Settings: ``model_path`` (default: the shipped model), ``tier_map`` (model label -> tier, when the
 configured tiers are named differently), ``thresholds`` (override the calibrated ones, e.g.
 ``{large: 0.3}``), ``ladder``, ``memo_entries`` (decisions remembered per worker, keyed on the
-tenant, the route text, the prompt's token count and the candidates: a repeated prompt is not
-embedded again; 0: off; see :mod:`extproc_plugins.routing.route_memo`).
+tenant, the task text, the prompt's token count if the model reads it, and the candidates: a
+repeated prompt is not embedded again; 0: off; see :mod:`extproc_plugins.routing.route_memo`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from extproc_plugins.routing import ladder as routing
 from extproc_plugins.routing.route_memo import DEFAULT_ENTRIES, RouteMemo
+from extproc_plugins.routing.task_text import request_task_text, task_embedding
 from extproc.embeddings import prompt as prompts
 from extproc.framework.config import ConfigError
 from extproc.framework.context import TierChoice
@@ -43,7 +45,7 @@ class LearnedRouter:
         thresholds: dict[str, float] = Field(default_factory=dict, description="label -> threshold override")
         ladder: list[str] | None = None
         memo_entries: int = Field(DEFAULT_ENTRIES, ge=0, description="decisions remembered per worker "
-                                  "(tenant, route text, prompt tokens, candidates); 0: off (route_memo.py)")
+                                  "(tenant, task text, prompt tokens if read, candidates); 0: off (route_memo.py)")
 
     def __init__(self, settings: "LearnedRouter.Settings | None" = None, *, embedder=None):
         self.settings = settings or self.Settings()
@@ -86,12 +88,12 @@ class LearnedRouter:
             return None
         if self.model is None:
             raise RuntimeError("learned_router has no model: its start-up failed (see the log)")
-        tokens = await prompts.prompt_tokens_async(ctx)
-        key = self.memo.key(ctx, prompts.route_text(ctx), candidates, tokens)
+        tokens = await prompts.prompt_tokens_async(ctx) if self.model.uses_tokens else None
+        key = self.memo.key(ctx, request_task_text(ctx), candidates, tokens)
         return await self.memo.decided(ctx, key, lambda: self._decide(ctx, candidates, tokens))
 
-    async def _decide(self, ctx, candidates, tokens: int):
-        vector = await prompts.prompt_embedding(ctx, self.embedder)
+    async def _decide(self, ctx, candidates, tokens: int | None):
+        vector = await task_embedding(ctx, self.embedder)
         label, probs = self.model.decide(vector, tokens)
         wanted = self.label_tier[label]
         target = routing.closest_allowed(wanted, candidates, self.ladder)

@@ -1,8 +1,8 @@
 """Remembered routing decisions: a repeated ``auto`` prompt is routed without embedding it again.
 
 The embedding policies (``semantic_routes``, ``learned_router``) are pure functions of what they
-read: the route text (:func:`extproc.embeddings.prompt.route_text`), for the learned router the
-prompt's token count, and the candidates the policies before them left. Each keeps a small
+read: the task text (:mod:`extproc_plugins.routing.task_text`), for a learned router that reads
+it the prompt's token count, and the candidates the policies before them left. Each keeps a small
 per-worker LRU of its own decisions keyed on exactly those inputs plus the tenant, so a repeat of a
 request -- the common case for an exact-cache hit -- gets the same tier (or the same "pass")
 without the embedding, the vector search or the classifier. The exact cache, looked up once the
@@ -20,7 +20,7 @@ What a remembered decision does not change:
   on every request; the caches' TTLs and ``cache-control`` apply as before.
 
 Memory: ``memo_entries`` decisions per policy per worker (default 4096; 0 turns it off), each a
-tuple of the tenant, a 16-byte digest of the route text, the candidates and the decision: about
+tuple of the tenant, a 16-byte digest of the task text, the candidates and the decision: about
 0.3 KB, ~1.3 MB at the default. A hit is traced as ``route_memo: <policy> ...`` in
 ``ctx.route_trace`` (``extproc_route_steps_total{plugin="route_memo"}``).
 """

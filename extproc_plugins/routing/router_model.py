@@ -7,9 +7,16 @@
 one of the router's labels, cheapest first: ``small``, ``medium``, ``large`` by default). The
 project ships its own set in ``extproc_plugins/routing/data/route_labelled.jsonl``.
 
-**Model.** Features are the all-MiniLM-L6-v2 embedding of the prompt (scaled to unit variance per
-component) and its log token count; a softmax regression with an L2 penalty is fitted by full-batch
-gradient descent (deterministic; a few hundred prompts train in well under a second once embedded).
+**Model.** Features are the all-MiniLM-L6-v2 embedding of what the prompt asks (its task text,
+:func:`extproc_plugins.routing.task_text.task_text`: a long message's instruction, not its attached
+material), scaled to unit variance per component; a softmax regression with an L2 penalty is fitted
+by full-batch gradient descent (deterministic; a few hundred prompts train in well under a second
+once embedded). The prompt's length is **not** a feature by default: how much text is attached says
+little about how hard the task is, and on a labelled set of short prompts a length weight learns
+"longer is harder" and then sends every long document to the strong tier. The limit length does
+impose (a tier's context window) is ``route_rules``' job. ``length_feature=True`` (``extproc router
+train --length-feature``) adds the log token count back; models trained so (format 1 with 385
+columns, as earlier versions wrote) still load and use it.
 
 **Routing, RouteLLM-style.** The model gives P(tier) for each label. For every label above the
 cheapest, the *cumulative* score S(label) = P(label or any stronger one) says how likely the prompt
@@ -118,9 +125,12 @@ def split_holdout(items: Sequence[LabelledPrompt], fraction: float) -> tuple[lis
 # ---------------------------------------------------------------------------- features & model
 
 
-def features(embeddings: np.ndarray, token_counts: Sequence[int]) -> np.ndarray:
-    """The model's input: scaled embedding and log token count, float64 [n, 385]."""
+def features(embeddings: np.ndarray, token_counts: Sequence[int] | None = None) -> np.ndarray:
+    """The model's input: the scaled embedding [n, 384], and with ``token_counts`` the log token
+    count as one more column [n, 385]."""
     emb = np.asarray(embeddings, dtype=np.float64) * _EMB_SCALE
+    if token_counts is None:
+        return emb
     length = (np.log1p(np.asarray(token_counts, dtype=np.float64)) - _LEN_CENTER) / _LEN_SCALE
     return np.concatenate([emb, length[:, None]], axis=1)
 
@@ -196,6 +206,11 @@ class RouterModel:
     thresholds: dict[str, float]  # label (all but the cheapest) -> cumulative-score threshold
     meta: dict = field(default_factory=dict)
 
+    @property
+    def uses_tokens(self) -> bool:
+        """Whether the prompt's token count is one of the model's features (the last column)."""
+        return self.weights.shape[1] == EMBEDDING_DIM + 1
+
     def probabilities(self, X: np.ndarray) -> np.ndarray:
         return _softmax(np.atleast_2d(X) @ self.weights.T + self.bias)
 
@@ -208,9 +223,15 @@ class RouterModel:
             out[hit] = k
         return out
 
-    def decide(self, embedding: np.ndarray, tokens: int) -> tuple[str, np.ndarray]:
-        """``(label, probabilities)`` for one prompt."""
-        P = self.probabilities(features(np.atleast_2d(embedding), [tokens]))
+    def featurize(self, embeddings: np.ndarray, token_counts: Sequence[int] | None) -> np.ndarray:
+        """:func:`features` as this model reads them (the token counts only if it uses them)."""
+        if self.uses_tokens and token_counts is None:
+            raise ValueError("this model reads the prompt's token count: give token_counts")
+        return features(embeddings, token_counts if self.uses_tokens else None)
+
+    def decide(self, embedding: np.ndarray, tokens: int | None = None) -> tuple[str, np.ndarray]:
+        """``(label, probabilities)`` for one prompt (``tokens`` only matters if :attr:`uses_tokens`)."""
+        P = self.probabilities(self.featurize(np.atleast_2d(embedding), None if tokens is None else [tokens]))
         return self.labels[int(self.route_indices(P)[0])], P[0]
 
     # -- persistence --------------------------------------------------------------------------
@@ -222,8 +243,9 @@ class RouterModel:
             "format": FORMAT,
             "labels": self.labels,
             "embedding_model": EMBEDDING_MODEL,
-            "features": {"embedding_scale": _EMB_SCALE, "log_tokens_center": _LEN_CENTER,
-                         "log_tokens_scale": _LEN_SCALE},
+            "features": ({"embedding_scale": _EMB_SCALE, "log_tokens_center": _LEN_CENTER,
+                          "log_tokens_scale": _LEN_SCALE} if self.uses_tokens
+                         else {"embedding_scale": _EMB_SCALE, "log_tokens": False}),
             "thresholds": {k: r(v) for k, v in self.thresholds.items()},
             "meta": self.meta,
             "bias": [r(v) for v in self.bias],
@@ -246,7 +268,8 @@ class RouterModel:
             thresholds = {str(k): float(v) for k, v in doc["thresholds"].items()}
         except (KeyError, TypeError, ValueError) as exc:
             raise RouterDataError(f"{source}: malformed model: {exc!r}") from None
-        if len(labels) < 2 or W.shape != (len(labels), EMBEDDING_DIM + 1) or b.shape != (len(labels),):
+        if (len(labels) < 2 or W.ndim != 2 or W.shape[0] != len(labels)
+                or W.shape[1] not in (EMBEDDING_DIM, EMBEDDING_DIM + 1) or b.shape != (len(labels),)):
             raise RouterDataError(f"{source}: weights of shape {W.shape} do not fit {len(labels)} labels")
         missing = [lab for lab in labels[1:] if lab not in thresholds]
         if missing:
@@ -304,29 +327,31 @@ def train_router(prompts: Sequence[str], tiers: Sequence[str], *,
                  embed: Callable[[list[str]], np.ndarray], count_tokens: Callable[[str], int],
                  labels: Sequence[str] = DEFAULT_LABELS, strong_share: float = 0.4,
                  medium_share: float | None = None, l2: float = 1e-2, folds: int = 5, seed: int = 0,
-                 meta: Mapping | None = None) -> tuple[RouterModel, np.ndarray]:
+                 length_feature: bool = False, meta: Mapping | None = None) -> tuple[RouterModel, np.ndarray]:
     """Fit, calibrate and return ``(model, out_of_fold_probabilities)``.
 
     :param embed: texts -> unit embeddings [n, 384] (the same encoder the gateway uses).
     :param count_tokens: text -> token count (the same counter the gateway uses).
+    :param length_feature: add the log token count as a feature (off by default: see the module docstring).
     """
-    from extproc.embeddings.prompt import clip_text
+    from extproc_plugins.routing.task_text import task_text
 
     labels = list(labels)
     index = {lab: i for i, lab in enumerate(labels)}
-    texts = [clip_text(p) for p in prompts]
+    texts = [task_text(p) for p in prompts]
     y = np.asarray([index[t] for t in tiers], dtype=np.int64)
     missing = [lab for lab in labels if not (y == index[lab]).any()]
     if missing:
         raise RouterDataError(f"no training prompt for tier(s) {', '.join(missing)}")
     started = time.perf_counter()
-    X = features(embed(texts), [count_tokens(p) for p in prompts])
+    X = features(embed(texts), [count_tokens(p) for p in prompts] if length_feature else None)
     embedded = time.perf_counter()
     P_oof = out_of_fold_probabilities(X, y, len(labels), folds=folds, l2=l2, seed=seed)
     thresholds = calibrate(P_oof, labels, strong_share, medium_share)
     W, b = fit_softmax(X, y, len(labels), l2=l2)
     info = {"n": len(prompts), "per_tier": {lab: int((y == i).sum()) for i, lab in enumerate(labels)},
             "strong_share": strong_share, "medium_share": medium_share, "l2": l2, "folds": folds,
+            "length_feature": length_feature,
             "seed": seed, "embed_seconds": round(embedded - started, 3),
             "fit_seconds": round(time.perf_counter() - embedded, 3)}
     info.update(meta or {})

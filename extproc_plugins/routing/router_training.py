@@ -1,8 +1,8 @@
 """``extproc router train`` / ``extproc router eval``: fit and judge the learned router on labelled prompts.
 
 Both use the gateway's own encoder (all-MiniLM-L6-v2 in NumPy) and token counter, and the text
-the gateway routes on (:func:`extproc_plugins.routing.ladder.clip_text` of the user message), so a model judged
-here behaves the same in the gateway. ``--holdout F`` sets aside a stable, hash-chosen fraction of
+the gateway routes on (:func:`extproc_plugins.routing.task_text.task_text` of the user message: what
+it asks, not the material attached), so a model judged here behaves the same in the gateway. ``--holdout F`` sets aside a stable, hash-chosen fraction of
 the file (:func:`extproc_plugins.routing.router_model.in_holdout`): ``train --holdout 0.25`` never sees it and
 ``eval --holdout 0.25`` judges on it alone.
 """
@@ -43,7 +43,8 @@ class TrainResult:
 
 def train(data: str | Path, *, prices: Mapping[str, object], holdout: float = 0.0, strong_share: float = 0.4,
           medium_share: float | None = None, l2: float = 1e-2, folds: int = 5, seed: int = 0,
-          labels: Sequence[str] = rm.DEFAULT_LABELS, completion_tokens: int = 256) -> TrainResult:
+          labels: Sequence[str] = rm.DEFAULT_LABELS, completion_tokens: int = 256,
+          length_feature: bool = False) -> TrainResult:
     """Train on ``data`` minus its held-out part; return the model and its out-of-fold estimate."""
     items = rm.load_labelled(data, labels)
     train_items, held = rm.split_holdout(items, holdout)
@@ -55,7 +56,7 @@ def train(data: str | Path, *, prices: Mapping[str, object], holdout: float = 0.
     model, P_oof = rm.train_router([i.prompt for i in train_items], [i.tier for i in train_items],
                                    embed=encode, count_tokens=chat_tokens, labels=labels,
                                    strong_share=strong_share, medium_share=medium_share, l2=l2, folds=folds,
-                                   seed=seed, meta=meta)
+                                   seed=seed, length_feature=length_feature, meta=meta)
     y = [model.labels.index(i.tier) for i in train_items]
     routed = model.route_indices(P_oof)
     report = rm.evaluate(model.labels, y, routed, prices=_label_prices(prices, model.labels),
@@ -74,9 +75,9 @@ def evaluate(data: str | Path, model: rm.RouterModel, *, prices: Mapping[str, ob
             raise rm.RouterDataError(f"{data}: the held-out part ({holdout:.0%}) is empty")
     texts = [i.prompt for i in items]
     counts = [chat_tokens(t) for t in texts]
-    from extproc.embeddings.prompt import clip_text
+    from extproc_plugins.routing.task_text import task_text
 
-    X = rm.features(encode([clip_text(t) for t in texts]), counts)
+    X = model.featurize(encode([task_text(t) for t in texts]), counts)
     routed = model.route_indices(model.probabilities(X))
     y = [model.labels.index(i.tier) for i in items]
     return rm.evaluate(model.labels, y, routed, prices=_label_prices(prices, model.labels, tier_map),

@@ -1,9 +1,10 @@
 """Semantic routes: example utterances per tier; a prompt close enough to a tier's examples goes there.
 
 At start-up every example utterance is embedded (all-MiniLM-L6-v2, in NumPy; ~100 utterances
-take well under a second). For each ``auto`` request the prompt (the last user message, see
-:func:`extproc.embeddings.prompt.route_text`) is embedded once -- shared with the learned router -- and
-compared (cosine similarity) with every example:
+take well under a second). For each ``auto`` request what the prompt asks (the last user message,
+or a long one's instruction without its attached material: :mod:`extproc_plugins.routing.task_text`)
+is embedded once -- shared with the learned router -- and compared (cosine similarity) with every
+example:
 
 * the ``k`` nearest examples at or above ``threshold`` vote for their tier, each with its
   similarity; the tier with the most weight wins (the nearest allowed one if a policy before
@@ -16,7 +17,7 @@ the same shape); neither: the examples shipped in ``extproc_plugins/routing/data
 Pinned requests are left alone.
 
 A repeated prompt is not embedded again: each decision (a tier, or a pass) is remembered per worker,
-keyed on the tenant, the route text and the candidates (``memo_entries``, see
+keyed on the tenant, the task text and the candidates (``memo_entries``, see
 :mod:`extproc_plugins.routing.route_memo`).
 """
 
@@ -30,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from extproc_plugins.routing import ladder as routing
 from extproc_plugins.routing.route_memo import DEFAULT_ENTRIES, RouteMemo
+from extproc_plugins.routing.task_text import request_task_text, task_embedding
 from extproc.embeddings import prompt as prompts
 from extproc.framework.config import ConfigError
 from extproc.framework.context import TierChoice
@@ -57,7 +59,7 @@ class SemanticRoutes:
         default_tier: str | None = Field(None, description="when nothing is close enough (None: pass)")
         ladder: list[str] | None = None
         memo_entries: int = Field(DEFAULT_ENTRIES, ge=0, description="decisions remembered per worker "
-                                  "(tenant, route text, candidates); 0: off (route_memo.py)")
+                                  "(tenant, task text, candidates); 0: off (route_memo.py)")
 
     def __init__(self, settings: "SemanticRoutes.Settings | None" = None, *, embedder=None):
         self.settings = settings or self.Settings()
@@ -114,9 +116,9 @@ class SemanticRoutes:
         if not self.examples:
             raise RuntimeError("semantic_routes has no examples: its start-up failed (see the log)")
         async def decide():
-            return self._decide(ctx, candidates, await prompts.prompt_embedding(ctx, self.embedder))
+            return self._decide(ctx, candidates, await task_embedding(ctx, self.embedder))
 
-        key = self.memo.key(ctx, prompts.route_text(ctx), candidates)
+        key = self.memo.key(ctx, request_task_text(ctx), candidates)
         return await self.memo.decided(ctx, key, decide)
 
     def nearest(self, vector: np.ndarray) -> list[tuple[float, str, str]]:

@@ -177,6 +177,60 @@ async def test_shipped_model_routes_each_kind_of_prompt():
     assert pinned.ctx.embedding_calls == 0
 
 
+# A long conversation attached to a simple request (hand-written here, not from the growth lab).
+_TURN = ("On Monday the warehouse team reported that pallet 14 had been loaded onto the wrong truck, and the "
+         "driver only noticed at the second stop. The store in Leeds called three times asking where their "
+         "delivery was, and the shift lead promised a replacement by Wednesday. ")
+LOG = "\n".join(f"{'Alex' if i % 2 else 'Sam'}: {_TURN}" for i in range(8))  # ~470 tokens
+
+
+@pytest.mark.parametrize("want,instruction", [
+    ("small", "Extract the pallet number from the conversation below."),
+    ("medium", "Summarize the conversation below in three bullet points."),
+    ("large", "Using the conversation below, determine the root cause of the misdelivery, propose process "
+              "changes and weigh their costs and risks in detail."),
+])
+async def test_the_task_decides_the_tier_not_the_length_of_the_attached_text(want, instruction):
+    async with harness() as gw:
+        r = await gw.chat(f"{instruction}\n\nConversation:\n{LOG}")
+    assert r.ctx.prompt_tokens_estimate is None or r.ctx.prompt_tokens_estimate > 400
+    assert tier(r) == want, r.ctx.route_trace
+
+
+async def test_a_prompt_too_long_for_a_tier_goes_to_the_cheapest_tier_whose_window_holds_it():
+    long = "Extract the pallet number from the conversation below.\n\n" + "\n".join([LOG] * 5)  # ~2,400 tokens
+    async with harness(None, "route_rules") as gw:
+        r = await gw.chat(long)
+    assert r.ctx.prompt_tokens_estimate > 2048 - 64
+    assert tier(r) == "medium" and "small (context" in r.ctx.route_trace[0], r.ctx.route_trace
+
+
+def test_the_shipped_model_does_not_read_the_prompt_length_and_older_models_still_do(tmp_path):
+    shipped = rm.RouterModel.load(rm.default_model_path())
+    assert not shipped.uses_tokens and shipped.weights.shape[1] == rm.EMBEDDING_DIM
+    X, y = blobs(n_per=10)  # 385 columns: embedding + log tokens, as earlier versions trained
+    W, b = rm.fit_softmax(X, y, 3, iterations=50)
+    old = rm.RouterModel(["small", "medium", "large"], W, b, {"medium": 0.5, "large": 0.5})
+    old.save(tmp_path / "old.json")
+    back = rm.RouterModel.load(tmp_path / "old.json")
+    assert back.uses_tokens
+    emb = np.ones(rm.EMBEDDING_DIM) / np.sqrt(rm.EMBEDDING_DIM)
+    assert not np.allclose(back.decide(emb, 10)[1], back.decide(emb, 5000)[1])
+    with pytest.raises(ValueError, match="token count"):
+        back.decide(emb)
+    assert np.array_equal(shipped.decide(emb, 10)[1], shipped.decide(emb, 5000)[1])
+
+
+async def test_the_memo_key_holds_the_token_count_only_for_a_model_that_reads_it():
+    async with harness() as gw:
+        a = await gw.chat("What is the capital of Lesotho? (memo key test)")
+        b = await gw.chat("What is the capital of Lesotho? (memo key test)", max_tokens=8)
+    assert a.ctx.embedding_calls == 1 and b.ctx.embedding_calls == 0
+    assert b.ctx.route_trace[0].startswith("route_memo: learned_router small")
+    plugin = next(p.obj for p in gw.gateway.hooks.plugins if p.name == "learned_router")
+    assert all(len(k) == 4 and k[-1] is None for k in plugin.memo._data)
+
+
 async def test_threshold_override_and_nearest_allowed():
     async with harness({"thresholds": {"large": 0.999999, "medium": 0.999999}}) as gw:
         r = await gw.chat("Implement a lock-free queue in C++ and prove that it is linearizable.")
