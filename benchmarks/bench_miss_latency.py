@@ -56,6 +56,10 @@ TIER_MODELS = {"small": "llm-small", "medium": "llm-medium", "large": "llm-large
 CHAT_PATH = "/v1/chat/completions"
 #: Sent more than this after its scheduled time, an open-loop request counts as late.
 LATE_AFTER_S = 0.001
+#: Envoy's timepoints the phase case logs, each from the request's first byte (DS_RX_BEG):
+#: request received, upstream request sent (begin, end), upstream response (first, last byte),
+#: response to the client (first, last byte).
+TIMEPOINTS = ("DS_RX_END", "US_TX_BEG", "US_TX_END", "US_RX_BEG", "US_RX_END", "DS_TX_BEG", "DS_TX_END")
 
 
 # --------------------------------------------------------------------------- the stack
@@ -86,6 +90,7 @@ class BenchStack:
         self.stack = Stack(work, ports=StackPorts(0, 0, 0, 0, 0, 0, 0), config_path=write_config(work, workers),
                            models=models, workers=workers)
         self.plain: ManagedProcess | None = None
+        self.traced: ManagedProcess | None = None
         self.plain_port = 0
 
     def start(self) -> "BenchStack":
@@ -112,9 +117,46 @@ class BenchStack:
     def triton_port(self) -> int:
         return self.stack.ports.triton_http
 
+    def start_traced(self) -> int:
+        """A second Envoy in front of the same service, its access log (a JSON line per request in
+        ``work/phases.log``) holding the ext_proc filter's own per-phase latencies
+        (``%FILTER_STATE(envoy.filters.http.ext_proc:TYPED)%``) and Envoy's timepoints from the first
+        request byte (``%COMMON_DURATION(DS_RX_BEG:<point>:us)%``); its port."""
+        from extproc.commands.envoy_config import dump_config, envoy_binary, load_config, render_config_dict
+
+        p = self.stack.ports
+        port, admin = free_port(), free_port()
+        cfg = render_config_dict(load_config(ROOT / "envoy" / "envoy.yaml"), listen_port=port, admin_port=admin,
+                                 extproc_port=p.extproc, triton_port=p.triton_http, passthrough_port=p.triton_http)
+        listener = cfg["static_resources"]["listeners"][0]
+        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        fmt = {"ext_proc": "%FILTER_STATE(envoy.filters.http.ext_proc:TYPED)%", "status": "%RESPONSE_CODE%",
+               "cluster": "%UPSTREAM_CLUSTER%", "content_type": "%RESP(CONTENT-TYPE)%"}
+        fmt.update({point: f"%COMMON_DURATION(DS_RX_BEG:{point}:us)%" for point in TIMEPOINTS})
+        hcm["access_log"] = [{"name": "envoy.access_loggers.file", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": str(self.phase_log), "log_format": {"json_format": fmt}}}]
+        path = self.work / "envoy-phases.yaml"
+        path.write_text(dump_config(cfg))
+        self.traced = ManagedProcess("envoy (phase log)", [envoy_binary(), "-c", str(path), "--use-dynamic-base-id",
+                                                          "--log-level", "warn", "--concurrency", "2"],
+                                     self.work / "logs" / "envoy-phases.log")
+        self.traced.start()
+        self.traced.wait_until(lambda: http_ok(f"http://127.0.0.1:{admin}/ready"), 30, "ready")
+        return port
+
+    @property
+    def phase_log(self) -> Path:
+        return self.work / "phases.log"
+
+    @property
+    def usage_log(self) -> Path:
+        return self.work / "usage.jsonl"
+
     def stop(self) -> None:
-        if self.plain is not None:
-            self.plain.stop()
+        for proc in (self.traced, self.plain):
+            if proc is not None:
+                proc.stop()
         self.stack.stop()
 
 
@@ -444,6 +486,67 @@ def case_direct(stack: BenchStack, tiers: list[str], duration: float, stream_tok
     return rows
 
 
+def case_phases(stack: BenchStack, tiers: list[str], requests: int, stream_tokens: int) -> list[dict]:
+    """Where a miss's time goes: Envoy's per-phase view (the phase-logging Envoy) and the service's
+    own Python time per phase (its usage records' ``timings_ms``), one connection."""
+    import time as _time
+
+    port = stack.start_traced()
+    runs = []
+    for tier in tiers:
+        for label, tokens, stream in (("chat JSON, 1 tok", 1, False), (f"chat SSE, {stream_tokens} tok", stream_tokens, True)):
+            make = lambda: post(CHAT_PATH, chat(tier, fresh_prompt("phases"), max_tokens=tokens, stream=stream))  # noqa: E731
+            asyncio.run(interleaved({"m": port}, {"m": make}, 1, requests))
+            runs.append((tier, label, stream))
+    _time.sleep(2.5)  # Envoy flushes its access log, the service its usage records, about every second
+    envoy, service = _read_json_lines(stack.phase_log), _read_json_lines(stack.usage_log)
+    rows = []
+    for tier, label, stream in runs:
+        kind = "text/event-stream" if stream else "application/json"
+        mine = [r for r in envoy if str(r.get("status")) == "200" and r.get("cluster") == f"tier_{tier}"
+                and str(r.get("content_type", "")).startswith(kind)]
+        theirs = [r for r in service if r.get("tier") == tier and r.get("stream") is stream
+                  and r.get("cache_status") == "miss"]
+        client = {"p50_ms": pct([r["DS_TX_END"] / 1e6 for r in mine if isinstance(r.get("DS_TX_END"), int)], .5)}
+        rows.append({"tier": tier, "case": label, **client, **phase_figures(mine, theirs)})
+    return rows
+
+
+def _lines(path: Path) -> int:
+    return sum(1 for _ in open(path)) if path.exists() else 0
+
+
+def _read_json_lines(path: Path) -> list[dict]:
+    out = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+    return out
+
+
+def _med(values) -> float:
+    vals = [float(v) for v in values if isinstance(v, (int, float)) or (isinstance(v, str) and v.isdigit())]
+    return statistics.median(vals) if vals else float("nan")
+
+
+def phase_figures(envoy: list[dict], service: list[dict]) -> dict:
+    """Medians (ms): Envoy's ext_proc round trip per phase, Envoy's timepoints, the service's Python per phase."""
+    xp = [r["ext_proc"] for r in envoy if isinstance(r.get("ext_proc"), dict)]
+    f = {"envoy_n": len(envoy), "service_n": len(service)}
+    for key in ("request_header_latency_us", "request_body_total_latency_us", "response_header_latency_us",
+                "response_body_total_latency_us", "response_body_max_latency_us", "response_body_call_count"):
+        f[key] = _med(x.get(key) for x in xp)
+    for point in TIMEPOINTS:
+        f[point] = _med(r.get(point) for r in envoy)
+    f["response_body_call_count"] = _med(x.get("response_body_call_count") for x in xp)
+    for key in ("phase:request_headers", "phase:request_body", "phase:response_headers", "phase:response_body"):
+        f[key] = _med(r["timings_ms"].get(key) for r in service if "timings_ms" in r)
+    return f
+
+
 def case_auto(stack: BenchStack, connections: list[int], duration: float) -> list[dict]:
     """``auto`` against pinned ``small``: exact hits and misses (1 token) at each number of connections."""
     rows = []
@@ -491,6 +594,25 @@ def print_report(results: dict) -> None:
                   f"unary generate ({added['json_vs_stream_ms']:+.2f} over generate_stream, what the gateway calls); "
                   f"TTFT {added['ttft_ms']:+.2f} ms; Envoy alone {added['envoy_json_ms']:+.2f} / TTFT "
                   f"{added['envoy_ttft_ms']:+.2f} ms")
+    if "phases" in results:
+        print("\n1b. where a miss's time goes, one connection, medians in ms: Envoy's ext_proc round trip per "
+              "phase (its filter state), the service's own Python per phase (its usage records), Envoy's "
+              "timepoints from the request's first byte")
+        for r in results["phases"]:
+            us = lambda k: r[k] / 1e3  # noqa: E731
+            print(f"{r['tier']} {r['case']}: Envoy's request duration p50 {_f(r['p50_ms'], 0, 3)} "
+                  f"({r['envoy_n']} requests in Envoy's log, {r['service_n']} usage records)")
+            print(f"   round trip to the service : request headers {_f(us('request_header_latency_us'), 0, 3)}, "
+                  f"request body {_f(us('request_body_total_latency_us'), 0, 3)}, response headers "
+                  f"{_f(us('response_header_latency_us'), 0, 3)}, response body {_f(us('response_body_total_latency_us'), 0, 3)} "
+                  f"in {r['response_body_call_count']:.0f} message(s) (slowest {_f(us('response_body_max_latency_us'), 0, 3)})")
+            print(f"   the service's Python      : request headers {_f(r['phase:request_headers'], 0, 3)}, request body "
+                  f"{_f(r['phase:request_body'], 0, 3)}, response headers {_f(r['phase:response_headers'], 0, 3)}, "
+                  f"response body {_f(r['phase:response_body'], 0, 3)} (all chunks)")
+            print("   Envoy's timepoints        : " + ", ".join(f"{p} {_f(us(p), 0, 3)}" for p in TIMEPOINTS))
+            upstream = (r["US_RX_BEG"] - r["US_TX_END"]) / 1e3
+            print(f"   upstream (request sent -> first byte back) {_f(upstream, 0, 3)}; first byte back -> first byte "
+                  f"to the client {_f((r['DS_TX_BEG'] - r['US_RX_BEG']) / 1e3, 0, 3)}")
     if "auto" in results:
         print("\n2. auto against pinned small, closed loop (exact hits: one repeated request; misses: new prompts, 1 token)")
         print(f"{'kind':<5} {'conns':>5} {'model':<6} {'client':<7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} {'errors':>7}")
@@ -524,7 +646,8 @@ def added_figures(rows: list[dict], stream_tokens: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", default="direct,auto,rate", help="comma-separated: direct, auto, rate")
+    ap.add_argument("--cases", default="direct,phases,auto,rate", help="comma-separated: direct, phases, auto, rate")
+    ap.add_argument("--phase-requests", type=int, default=300, help="requests per row of the phases case")
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per measurement (direct: per path)")
     ap.add_argument("--tiers", default="small,large", help="tiers of the direct case")
     ap.add_argument("--connections", default="1,16,64", help="connections of the auto case")
@@ -535,7 +658,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, help="also write the figures as JSON here")
     args = ap.parse_args(argv)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    unknown = set(cases) - {"direct", "auto", "rate"}
+    unknown = set(cases) - {"direct", "phases", "auto", "rate"}
     if unknown:
         ap.error(f"unknown case(s): {', '.join(sorted(unknown))}")
     duration = 2.0 if args.quick else args.duration
@@ -554,6 +677,9 @@ def main(argv=None) -> int:
             results["direct"] = case_direct(stack, tiers, duration, args.stream_tokens)
             results["added"] = added_figures(results["direct"], args.stream_tokens)
             print("direct: done", flush=True)
+        if "phases" in cases:
+            results["phases"] = case_phases(stack, tiers, args.phase_requests, args.stream_tokens)
+            print("phases: done", flush=True)
         if "auto" in cases:
             results["auto"] = case_auto(stack, [int(c) for c in args.connections.split(",") if c], duration)
             print("auto: done", flush=True)
