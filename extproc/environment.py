@@ -23,6 +23,9 @@ PROMETHEUS_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 """prometheus_client's directory of the workers' metric files (set by the parent per run)."""
 MINILM_DIR = "EXTPROC_MINILM_DIR"
 """A directory with the MiniLM weights (``model.safetensors``) instead of the installed package's."""
+EMBEDDINGS_RUNTIME = "EXTPROC_EMBEDDINGS_RUNTIME"
+"""What computes the in-process MiniLM embeddings: ``numpy``, ``onnxruntime``, ``onnxruntime-int8``
+or ``auto`` (the default: ONNX Runtime when it is installed, else NumPy)."""
 CACHE_DIR = "EXTPROC_CACHE_DIR"
 """Where the gateway keeps files it builds (the ONNX model of MiniLM) instead of the user cache dir."""
 XDG_CACHE_HOME = "XDG_CACHE_HOME"
@@ -85,6 +88,12 @@ def set_prometheus_multiproc_dir(path: str) -> None:
 def minilm_dir() -> str | None:
     """``$EXTPROC_MINILM_DIR``, or None."""
     return os.environ.get(MINILM_DIR) or None
+
+
+def embeddings_runtime() -> str | None:
+    """``$EXTPROC_EMBEDDINGS_RUNTIME`` (lower case), or None."""
+    value = os.environ.get(EMBEDDINGS_RUNTIME, "").strip().lower()
+    return value or None
 
 
 def cache_dir() -> Path:

@@ -160,7 +160,7 @@ def test_import_is_light():
 
     code = (
         "import sys; sys.path.insert(0, %r); import extproc.embeddings.encoder as e; "
-        "assert e._shared is None; assert 'safetensors' not in sys.modules and 'tokenizers' not in sys.modules"
+        "assert not e._shared; assert 'safetensors' not in sys.modules and 'tokenizers' not in sys.modules"
     ) % str(REPO)
     subprocess.run([sys.executable, "-c", code], check=True)
 

