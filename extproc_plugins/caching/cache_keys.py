@@ -37,6 +37,7 @@ __all__ = [
     "canonical_request",
     "fingerprint",
     "exact_key_parts",
+    "exact_fingerprint",
     "semantic_parts",
     "body_hash",
     "KEY_VERSION",
@@ -168,6 +169,26 @@ def exact_key_parts(req: "OpenAIRequest", *, tenant: str, tier: str | None, mode
     """What the exact cache (and coalescing) fingerprint: scope + the canonical request."""
     return {"v": KEY_VERSION, "tenant": tenant, "tier": tier, "model": model,
             "request": canonical_request(req, norm, default_max_tokens=default_max_tokens)}
+
+
+_EXACT_MEMO = "_exact_fingerprint"
+
+
+def exact_fingerprint(ctx, *, norm: Normalization = _DEFAULT_NORM, default_max_tokens: int | None = None) -> str:
+    """:func:`fingerprint` of :func:`exact_key_parts` for ``ctx``'s request, tenant and tier.
+
+    Computed once per request and kept in ``ctx.plugin_state``: the exact cache and coalescing
+    both key on it, one after the other in the request phase (the canonical JSON and its digest cost
+    about 30 us). A different scope, normalisation or request object computes afresh."""
+    tier, request = ctx.tier_config, ctx.request
+    scope = (ctx.tenant, ctx.tier, tier.model if tier else None, norm, default_max_tokens)
+    memo = ctx.plugin_state.get(_EXACT_MEMO)
+    if memo is not None and memo[0] is request and memo[1] == scope:
+        return memo[2]
+    digest = fingerprint(exact_key_parts(request, tenant=ctx.tenant, tier=ctx.tier, model=scope[2], norm=norm,
+                                         default_max_tokens=default_max_tokens))
+    ctx.plugin_state[_EXACT_MEMO] = (request, scope, digest)
+    return digest
 
 
 def semantic_parts(req: "OpenAIRequest", *, tenant: str, tier: str | None, model: str | None,

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from extproc.state.breaker import Breaker
 from extproc_plugins.caching.cache_control import CacheTTL, parse_cache_headers
-from extproc_plugins.caching.cache_keys import Normalization, deterministic, exact_key_parts, fingerprint
+from extproc_plugins.caching.cache_keys import Normalization, deterministic, exact_fingerprint
 from extproc_plugins.caching.cached_answer import (
     CachedAnswer, completed_answer, feed_shared_capture, note_bypass, note_lookup, note_miss, serve,
     shared_capture,
@@ -89,11 +89,8 @@ class ExactCache:
                 self.near = MemoryStore(max_bytes=self.settings.near_cache_max_bytes)
 
     def key(self, ctx) -> str:
-        tier = ctx.tier_config
-        default_max = default_max_tokens(tier)
-        parts = exact_key_parts(ctx.request, tenant=ctx.tenant, tier=ctx.tier, model=tier.model if tier else None,
-                                norm=self.settings.normalization, default_max_tokens=default_max)
-        return "xc:" + fingerprint(parts)
+        return "xc:" + exact_fingerprint(ctx, norm=self.settings.normalization,
+                                        default_max_tokens=default_max_tokens(ctx.tier_config))
 
     @hookimpl
     async def extproc_before_upstream(self, ctx, upstream):

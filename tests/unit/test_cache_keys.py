@@ -149,3 +149,26 @@ def test_deterministic():
 def test_body_hash_ignores_key_order_only():
     assert body_hash({"a": 1, "b": [1, 2]}) == body_hash({"b": [1, 2], "a": 1})
     assert body_hash({"a": 1}) != body_hash({"a": 2})
+
+
+def test_exact_fingerprint_is_the_exact_key_computed_once_per_request_and_scope():
+    from types import SimpleNamespace
+
+    from extproc_plugins.caching.cache_keys import exact_fingerprint
+
+    def fresh(**kw):
+        return fingerprint(exact_key_parts(ctx.request, tenant=ctx.tenant, tier="small", model="llm-small", **kw))
+
+    ctx = SimpleNamespace(request=req(BASE), tenant="t", tier="small", tier_config=SimpleNamespace(model="llm-small"),
+                          plugin_state={})
+    first = exact_fingerprint(ctx)
+    assert first == key(BASE)
+    ctx.request.messages[-1].content = "changed in place after the key was taken: the memo holds"
+    assert exact_fingerprint(ctx) == first
+    # Another scope or setting computes afresh (from the request as it is now).
+    assert exact_fingerprint(ctx, norm=Normalization(lowercase=True)) == fresh(norm=Normalization(lowercase=True))
+    assert exact_fingerprint(ctx, default_max_tokens=64) == fresh(default_max_tokens=64)
+    ctx.tenant = "other"
+    assert exact_fingerprint(ctx) == fresh() != first
+    ctx.request = req(variant(temperature=0.1))
+    assert exact_fingerprint(ctx) == key(variant(temperature=0.1), tenant="other")
