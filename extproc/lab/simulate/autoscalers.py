@@ -291,6 +291,58 @@ def cpu_policy(config: HpaConfig, target_utilisation: float, cpu: CpuModel = Cpu
     return HpaPolicy("cpu", Hpa(config, target_utilisation), values, initial)
 
 
+@dataclass
+class ScaleToZero:
+    """KEDA's activation phase around an HPA policy (a ScaledObject with ``minReplicaCount: 0``).
+
+    KEDA (https://keda.sh/docs/latest/concepts/scaling-deployments/, "Activating and Scaling
+    thresholds", ``cooldownPeriod``) polls every ``pollingInterval``: a trigger is *active* when its
+    value is above ``activationThreshold``. A workload at 0 replicas goes to 1 as soon as a poll is
+    active (the HPA takes over from there, with ``minReplicas`` 1); one that has not been active
+    for ``cooldownPeriod`` (default 300 s) goes to 0, whatever the HPA says. Between the two the
+    HPA decides alone.
+
+    The activation value here is what a gateway-side query sees (Triton's own gauges vanish with
+    the last pod): requests in flight at the poll, the tier queue included, plus the requests that
+    arrived since the previous poll (``increase(requests_total[15s])``), so a tier whose requests
+    are shorter than the poll interval is not taken for empty. A request that finds no replica
+    waits in the tier queue for a pod's whole start-up: its TTFT pays the cold start.
+    """
+
+    inner: HpaPolicy
+    activation_threshold: float = 0.0
+    cooldown_s: float = 300.0
+    name: str = field(init=False)
+    sync_period_s: float = field(init=False)
+    _last_active: float = field(init=False, default=0.0)
+
+    def __post_init__(self) -> None:
+        if self.activation_threshold < 0 or self.cooldown_s < 0:
+            raise ValueError("activation_threshold and cooldown_s must be >= 0")
+        self.name = self.inner.name
+        self.sync_period_s = self.inner.sync_period_s
+
+    def initial(self) -> int:
+        return self.inner.initial()
+
+    def activation_value(self, obs: Observation) -> float:
+        """Requests in flight (queued or on a replica) plus those arrived since the last poll."""
+        return float(obs.queued + obs.active + obs.arrived)
+
+    def decide(self, obs: Observation) -> int:
+        active = self.activation_value(obs) > self.activation_threshold
+        if active:
+            self._last_active = obs.now
+        if obs.current == 0:
+            return 1 if active else 0
+        if not active and obs.now - self._last_active >= self.cooldown_s:
+            return 0
+        return self.inner.decide(obs)
+
+    def metric(self, obs: Observation) -> float:
+        return self.inner.metric(obs)
+
+
 # --- static provisioning for the peak -------------------------------------------------------------
 
 
@@ -336,4 +388,4 @@ def size_static(curve: ServiceCurve, times: np.ndarray, prompts: np.ndarray, com
 
 
 __all__ = ["ScalingRule", "HpaConfig", "replica_count", "Hpa", "CpuModel", "StaticPolicy", "HpaPolicy",
-           "pending_values", "inflight_values", "queue_policy", "inflight_policy", "cpu_policy", "StaticSizing", "size_static"]
+           "ScaleToZero", "pending_values", "inflight_values", "queue_policy", "inflight_policy", "cpu_policy", "StaticSizing", "size_static"]

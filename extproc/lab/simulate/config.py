@@ -74,6 +74,7 @@ class CpuSettings(_Model):
     """CPU-based autoscaling: the HPA's target utilisation and the pods' CPU model (autoscalers.CpuModel)."""
 
     target: float = Field(0.70, gt=0)
+    per_tier: dict[str, float] = Field(default_factory=dict)  #: a tier's own target (else ``target``)
     idle: float = Field(0.10, ge=0)
     busy: float = Field(0.80, ge=0)
     per_seq_share: float = Field(0.10, ge=0)
@@ -85,12 +86,24 @@ class QueueSettings(_Model):
     against ``target`` (``averageValue``)."""
 
     target: float = Field(4.0, gt=0)
+    per_tier: dict[str, float] = Field(default_factory=dict)  #: a tier's own target (else ``target``)
 
 
 class InflightSettings(_Model):
     """In-flight autoscaling: requests waiting or being served per pod, against ``target``."""
 
     target: float = Field(32.0, gt=0)
+    per_tier: dict[str, float] = Field(default_factory=dict)  #: a tier's own target (else ``target``)
+
+
+class ScaleToZeroSettings(_Model):
+    """KEDA's scale to zero (``minReplicaCount: 0``) for the listed tiers, under every autoscaling
+    policy (cpu, queue, inflight) alike: to 0 after ``cooldown_s`` with no activity, back to 1 when
+    requests in flight plus arrivals since the last poll exceed ``activation_threshold``."""
+
+    tiers: list[str] = Field(default_factory=list)
+    activation_threshold: float = Field(0.0, ge=0)
+    cooldown_s: float = Field(300.0, ge=0)
 
 
 class StaticSettings(_Model):
@@ -129,6 +142,7 @@ class SimConfig(_Model):
     queue: QueueSettings = Field(default_factory=QueueSettings)
     inflight: InflightSettings = Field(default_factory=InflightSettings)
     static: StaticSettings = Field(default_factory=StaticSettings)
+    scale_to_zero: ScaleToZeroSettings = Field(default_factory=ScaleToZeroSettings)
     max_prefill_tokens: int = Field(8192, ge=1)
     drain_s: float = Field(3600.0, ge=0)
     series_step_s: float = Field(300.0, gt=0)  #: time step of the replica series in the JSON
@@ -146,6 +160,14 @@ class SimConfig(_Model):
     def _hpa_bounds(self) -> "SimConfig":
         if self.hpa.min_replicas > self.hpa.max_replicas:
             raise ValueError("hpa.min_replicas must be <= hpa.max_replicas")
+        for key, names in (("cpu.per_tier", self.cpu.per_tier), ("queue.per_tier", self.queue.per_tier),
+                           ("inflight.per_tier", self.inflight.per_tier),
+                           ("scale_to_zero.tiers", self.scale_to_zero.tiers)):
+            unknown = sorted(set(names) - set(self.tiers))
+            if unknown:
+                raise ValueError(f"{key}: {', '.join(unknown)} not under tiers")
+            if key != "scale_to_zero.tiers" and any(v <= 0 for v in names.values()):
+                raise ValueError(f"{key}: targets must be > 0")
         return self
 
     def path(self, p: str) -> Path:

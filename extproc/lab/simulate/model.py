@@ -58,6 +58,7 @@ class Observation:
     max_seqs: int
     occupancy: tuple[float, ...]  #: mean occupied slots of each ready replica over the last sync period
     busy: tuple[float, ...] = ()  #: share of the last sync period each ready replica had a sequence
+    arrived: int = 0  #: requests that arrived at the tier since the last sync (a counter's increase)
 
     @property
     def pending(self) -> int:
@@ -159,6 +160,8 @@ class TierSim:
         self.replicas: list[Replica] = []
         self.ttft: list[float] = []
         self.finished = 0
+        self.arrived = 0  # requests arrived so far
+        self._arrived_mark = 0
         self._seq = 0
         self._rid = 0
         self._prefill_inf = math.isinf(curve.prefill_tokens_per_s) and curve.prefill_overhead_s == 0.0
@@ -221,6 +224,7 @@ class TierSim:
 
     def arrive(self, req: list) -> None:
         """A request ``[arrival time, prompt tokens, completion tokens]`` arrives now."""
+        self.arrived += 1
         if not self.queue:
             best, bo = None, self.max_seqs
             for r in self.ready:
@@ -346,10 +350,11 @@ class TierSim:
                 occ.append(float(r.occ))
                 busy.append(1.0 if r.occ else 0.0)
             r.slot_mark, r.busy_mark = r.slot_s, r.busy_s
+        arrived, self._arrived_mark = self.arrived - self._arrived_mark, self.arrived
         return Observation(now=now, ready=len(self.ready), starting=len(self.starting), queued=len(self.queue),
                            prefill_queued=sum(len(r.pq) for r in self.ready),
                            active=sum(r.occ for r in self.ready), max_seqs=self.max_seqs, occupancy=tuple(occ),
-                           busy=tuple(busy))
+                           busy=tuple(busy), arrived=arrived)
 
     def totals(self, until: float) -> tuple[float, float, float]:
         """(billed replica-seconds, busy replica-seconds, slot-seconds) in [0, until]; call at ``until``."""

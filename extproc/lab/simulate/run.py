@@ -26,8 +26,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from extproc.lab.simulate.autoscalers import (CpuModel, HpaConfig, ScalingRule, StaticPolicy, cpu_policy,
-                                              inflight_policy, queue_policy, size_static)
+from extproc.lab.simulate.autoscalers import (CpuModel, HpaConfig, HpaPolicy, ScaleToZero, ScalingRule,
+                                              StaticPolicy, cpu_policy, inflight_policy, queue_policy, size_static)
 from extproc.lab.simulate.config import ConfigError, SimConfig
 from extproc.lab.simulate.model import TierRun, percentile, simulate_tier
 from extproc.lab.simulate.service_curves import (MEASURED_REFERENCE, ServiceCurve, curves_from_bench, load_bench,
@@ -132,6 +132,29 @@ def hpa_config(config: SimConfig) -> HpaConfig:
                      scale_down_select=h.scale_down_select)
 
 
+def tier_target(config: SimConfig, tier: str, policy_name: str) -> float:
+    """The autoscaling target of ``policy_name`` for ``tier``: its ``per_tier`` entry, else the policy's."""
+    settings = getattr(config, policy_name)
+    return settings.per_tier.get(tier, settings.target)
+
+
+def autoscaler(config: SimConfig, tier: str, policy_name: str) -> HpaPolicy | ScaleToZero:
+    """The HPA of ``policy_name`` (cpu, queue, inflight) for ``tier``, inside KEDA's scale to zero
+    when the tier is listed under ``scale_to_zero.tiers``."""
+    target = tier_target(config, tier, policy_name)
+    if policy_name == "cpu":
+        c = config.cpu
+        policy = cpu_policy(hpa_config(config), target, CpuModel(c.idle, c.busy, c.per_seq_share, c.cap))
+    elif policy_name == "queue":
+        policy = queue_policy(hpa_config(config), target)
+    else:
+        policy = inflight_policy(hpa_config(config), target)
+    z = config.scale_to_zero
+    if tier in z.tiers:
+        return ScaleToZero(policy, activation_threshold=z.activation_threshold, cooldown_s=z.cooldown_s)
+    return policy
+
+
 def run_tier(config: SimConfig, spec: TierSpec, scale: float, policy_name: str) -> dict[str, Any]:
     """Simulate one tier's day at ``scale`` under one policy; a plain dict (for the pool)."""
     t0 = time.perf_counter()
@@ -157,15 +180,8 @@ def run_tier(config: SimConfig, spec: TierSpec, scale: float, policy_name: str) 
         sizing = {"replicas": s.replicas, "p95_ttft_s": s.p95_ttft_s, "met": s.met, "window_start_s": start,
                   "window_s": width, "tried": [list(x) for x in s.tried]}
         policy = StaticPolicy(s.replicas, sync_period_s=config.hpa.sync_period_s)
-    elif policy_name == "cpu":
-        c = config.cpu
-        policy = cpu_policy(hpa_config(config), c.target, CpuModel(c.idle, c.busy, c.per_seq_share, c.cap))
-        metric = policy.metric
-    elif policy_name == "queue":
-        policy = queue_policy(hpa_config(config), config.queue.target)
-        metric = policy.metric
-    elif policy_name == "inflight":
-        policy = inflight_policy(hpa_config(config), config.inflight.target)
+    elif policy_name in ("cpu", "queue", "inflight"):
+        policy = autoscaler(config, spec.name, policy_name)
         metric = policy.metric
     else:
         raise ConfigError(f"policies: unknown policy {policy_name!r}")
