@@ -278,7 +278,9 @@ def test_keda_and_hpa_rules_are_the_simulators(rendered):
     # The manifests leave these to the HPA controller's defaults; the simulator must use them.
     assert sim.hpa.sync_period_s == 15 and sim.hpa.tolerance == 0.1
     want_behavior = _behavior_from_sim(sim.hpa)
-    # Requests in flight (waiting plus being served) per pod, as the simulator's `inflight` policy.
+    # Requests in flight (waiting plus being served) per pod, as the simulator's `inflight` policy
+    # for its large (70B) tier: that tier's own target when it has one.
+    target = sim.inflight.per_tier.get("large", sim.inflight.target)
     for overlay, metrics in (("cpu-reference", ("reference_llm_waiting_requests{", "reference_llm_active_sequences{")),
                              ("gpu-tensorrt-llm", ('nv_trt_llm_request_metrics{request_type="waiting"',
                                                    'nv_trt_llm_request_metrics{request_type="scheduled"'))):
@@ -290,13 +292,13 @@ def test_keda_and_hpa_rules_are_the_simulators(rendered):
         assert so["advanced"]["horizontalPodAutoscalerConfig"]["behavior"] == want_behavior
         queue = so["triggers"][0]
         assert queue["type"] == "prometheus" and queue["metricType"] == "AverageValue"  # per pod
-        assert float(queue["metadata"]["threshold"]) == sim.inflight.target
+        assert float(queue["metadata"]["threshold"]) == target
         assert all(m in queue["metadata"]["query"] for m in metrics), queue
     hpa = _one(rendered["gpu-tensorrt-llm-hpa"], "HorizontalPodAutoscaler", "triton")["spec"]
     assert (hpa["minReplicas"], hpa["maxReplicas"]) == (sim.hpa.min_replicas, sim.hpa.max_replicas)
     assert hpa["behavior"] == want_behavior
     queue = hpa["metrics"][0]["external"]["target"]
-    assert queue["type"] == "AverageValue" and float(queue["averageValue"]) == sim.inflight.target
+    assert queue["type"] == "AverageValue" and float(queue["averageValue"]) == target
     # The CPU signal is the reference tiers' own gauge, by the name their Triton adapter exports.
     backend = (ROOT / "triton_models" / "reference_llm" / "triton_backend.py").read_text()
     assert '"reference_llm_waiting_requests"' in backend and '"reference_llm_active_sequences"' in backend
