@@ -39,8 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workload", required=True, help="a shipped workload's name (clinical, support, "
                         "backoffice) or a workload YAML file")
     parser.add_argument("--scale", default="1", help="scale factors, comma-separated (default: 1)")
-    parser.add_argument("--duration", type=float, default=60.0, help="seconds of planned arrivals sent per "
-                        "run (default: 60)")
+    parser.add_argument("--duration", type=float, default=None, help="seconds of planned arrivals sent per "
+                        "run (default: the day with --day, else 60)")
+    parser.add_argument("--day", type=float, metavar="SECONDS", help="compress the workload's day (its "
+                        "duration_s: the whole diurnal curve) into this many seconds; the arrival rate at "
+                        "each point of the curve is unchanged")
     parser.add_argument("--drain", type=float, default=15.0, help="seconds after --duration that running "
                         "requests may finish; the rest are recorded unfinished (default: 15)")
     parser.add_argument("--max-requests", type=int, help="send at most this many requests per run")
@@ -81,6 +84,15 @@ def scale_label(scale: float) -> str:
 
 
 # --- the workload (late imports: the generator is its own package) ---------------------------
+
+def with_day(workload, day_s: float | None):
+    """``workload`` with its day compressed (or stretched) to ``day_s`` seconds (None: as it is)."""
+    if day_s is None:
+        return workload
+    if day_s <= 0:
+        raise LoadtestError(f"--day {day_s:g}: must be positive")
+    return workload.model_copy(update={"duration_s": float(day_s)})
+
 
 def load_workload(name: str):
     """The workload: a shipped example by name (``clinical``...) or a YAML file
@@ -300,12 +312,14 @@ def _run(args) -> int:
         raise LoadtestError(f"--mode {args.mode!r}: modes are {', '.join(MODES)} (any label with --url)")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    workload = load_workload(args.workload)
+    workload = with_day(load_workload(args.workload), args.day)
+    if args.duration is None:
+        args.duration = float(args.day) if args.day else 60.0
     plans = {scale: plan_for(workload, scale, args.seed) for scale in scales}  # before anything starts
     (out / "run.json").write_text(json.dumps({
         "command": "extproc loadtest " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["loadtest"] else sys.argv[1:]),
         "workload": args.workload, "seed": args.seed, "scales": scales, "modes": modes,
-        "duration_s": args.duration, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "duration_s": args.duration, "day_s": workload.duration_s, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "cpus": os.cpu_count(), "machine": platform.platform(), "loadavg_at_start": " ".join(
             f"{x:.2f}" for x in os.getloadavg()),
     }, indent=1))
