@@ -120,3 +120,56 @@ def test_per_tier_targets_override_the_policy_target():
 def test_per_tier_and_scale_to_zero_config_errors_name_the_key(change, key):
     with pytest.raises(ConfigError, match=key):
         parse_config(_config(**change), "sim.yaml")
+
+
+# --- SLO points: the per-tier targets' derivation -------------------------------------------------
+
+
+def test_slo_point_of_an_mm1_server_matches_the_closed_form():
+    """One server, exponential service of mean 1 s, no prefill: the wait's tail is
+    P(W > t) = ρ e^{-(1-ρ)t}, so p95 <= 2 s holds up to ρ ≈ 0.233; there the mean number in the
+    system is ρ / (1 - ρ) ≈ 0.30 and the mean number waiting ρ² / (1 - ρ) ≈ 0.07."""
+    from extproc.lab.simulate.slo_point import slo_point
+    from extproc.lab.simulate.workload import TierMix, TokenDist
+
+    rho = 0.2333
+    assert rho * np.exp(-(1 - rho) * 2.0) == pytest.approx(0.05, abs=0.001)
+    mix = TierMix(1.0, TokenDist("constant", 1.0), TokenDist("exponential", 10.0, integer=False))
+    pt = slo_point(ServiceCurve.exponential(10.0), mix, 1, slo_s=2.0, hours=30.0, seed=3, iterations=8)
+    assert pt.rate_rps == pytest.approx(rho, rel=0.12)
+    assert pt.ttft_s <= 2.0
+    r = pt.rate_rps
+    assert pt.inflight_per_pod == pytest.approx(r / (1 - r), rel=0.25)
+    assert pt.waiting_per_pod == pytest.approx(r * r / (1 - r), rel=0.5)
+
+
+def test_slo_point_grows_with_the_pool_and_reports_zero_when_even_a_trickle_misses():
+    from extproc.lab.simulate.slo_point import slo_point
+    from extproc.lab.simulate.workload import TierMix, TokenDist
+
+    mix = TierMix(1.0, TokenDist("constant", 1.0), TokenDist("exponential", 10.0, integer=False))
+    curve = ServiceCurve.exponential(10.0)
+    one = slo_point(curve, mix, 1, slo_s=2.0, hours=8.0, seed=4, iterations=6)
+    three = slo_point(curve, mix, 3, slo_s=2.0, hours=8.0, seed=4, iterations=6)
+    assert three.rate_rps / 3 > one.rate_rps  # pooling: more per server at the same SLO
+    slow = TierMix(1.0, TokenDist("constant", 1.0), TokenDist("constant", 1.0, integer=False))
+    prefill_bound = ServiceCurve.exponential(10.0).with_overrides(prefill_tokens_per_s=0.1)  # 10 s per prompt
+    assert slo_point(prefill_bound, slow, 1, slo_s=2.0, hours=1.0, iterations=3).rate_rps == 0.0
+
+
+def test_cli_prints_slo_points_and_names_a_bad_tier():
+    import os
+    import subprocess
+    import sys
+
+    from extproc.lab.simulate.run import EXAMPLE
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "extproc", "simulate", str(EXAMPLE), *args],
+                              capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+
+    r = cli("--slo-points", "1", "--slo-tiers", "large", "--slo-hours", "0.5")
+    assert r.returncode == 0, r.stderr
+    assert "SLO points" in r.stdout and "large" in r.stdout and "medium" not in r.stdout
+    r = cli("--slo-points", "1", "--slo-tiers", "huge")
+    assert r.returncode == 2 and "--slo-tiers: huge" in r.stderr
