@@ -2,7 +2,7 @@
 """New ``model: auto`` prompts through Envoy: what routing them costs (latency, CPU per request).
 
     python benchmarks/bench_auto_routing.py [--embeddings local,triton] [--connections 1,16]
-                                            [--duration 10] [--workers 2] [--out auto.json]
+                                            [--duration 10] [--workers 2] [--runtime auto] [--out auto.json]
 
 Every request is ``model: auto`` with a prompt never sent before (a held-out-style question with a
 counter), so neither the route memo nor the embedding cache answers: the routing chain
@@ -64,7 +64,7 @@ QUESTIONS = [
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def write_config(path: Path, workers: int, embeddings: dict | None) -> Path:
+def write_config(path: Path, workers: int, embeddings: dict) -> Path:
     cfg = {
         "server": {"workers": workers, "grace_seconds": 2},
         "tiers": TIERS, "default_tier": "small",
@@ -75,8 +75,7 @@ def write_config(path: Path, workers: int, embeddings: dict | None) -> Path:
             {"name": "model_tiers"},
         ],
     }
-    if embeddings:
-        cfg["embeddings"] = embeddings
+    cfg["embeddings"] = embeddings
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -157,7 +156,7 @@ def run_backend(backend: str, args, work: Path) -> dict:
     logs = work / backend / "logs"
     procs: list = []
     triton = None
-    embeddings = None
+    embeddings = {"runtime": args.runtime}
     result: dict = {"backend": backend, "cases": {}}
     try:
         stub = ManagedProcess("stub", [sys.executable, str(STUB), "--port", str(ports["stub"])], logs / "stub.log")
@@ -170,8 +169,8 @@ def run_backend(backend: str, args, work: Path) -> dict:
                                    log_path=logs / "triton.log", models=["embedder"])
             triton.start()
             triton.wait_ready(timeout=180)
-            embeddings = {"backend": "triton", "triton_url": triton.http_url, "timeout_seconds": 2.0,
-                          "on_unavailable": "fail", "batch_in_gateway": backend != "triton-unbatched"}
+            embeddings.update(backend="triton", triton_url=triton.http_url, timeout_seconds=2.0,
+                              on_unavailable="fail", batch_in_gateway=backend != "triton-unbatched")
         config = write_config(work / backend / "config.yaml", args.workers, embeddings)
         service = ManagedProcess("service", service_command(config, ports["extproc"], args.workers, None),
                                  logs / "extproc.log")
@@ -220,6 +219,8 @@ def main(argv=None) -> int:
     ap.add_argument("--connections", default="1,16", help="comma-separated connection counts")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
     ap.add_argument("--workers", type=int, default=2, help="gateway worker processes")
+    ap.add_argument("--runtime", default="auto", help="embeddings.runtime of the workers: auto, numpy, "
+                    "onnxruntime, onnxruntime-int8 (Triton's embedder: its config.pbtxt parameter)")
     ap.add_argument("--bodies", type=int, default=20000, help="distinct prompts per run (none repeats)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)

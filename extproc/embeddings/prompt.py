@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import threading
 import time
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable, Sequence
 
 import numpy as np
 
+from extproc.embeddings.encoder import get_encoder
 from extproc.embeddings.triton_client import EmbedderUnavailable, TritonEmbeddingClient
 
 if TYPE_CHECKING:
@@ -289,6 +291,7 @@ class PromptEmbedder:
         self.batch_in_gateway = batch_in_gateway
         self._triton_down_until = 0.0
         self.settings_key: tuple | None = None  #: the configuration it was built from (configure_prompt_embedder)
+        self.runtime: str | None = None  #: the local encoder's runtime when configured (None: get_encoder's default)
         self.texts = {LOCAL: 0, TRITON: 0, LOCAL_FALLBACK: 0}  #: texts embedded, by where
         self.triton_failures = 0
         self.batcher = EmbeddingBatcher(self._encode, max_batch=max_batch,
@@ -403,17 +406,21 @@ def configure_prompt_embedder(settings: "EmbeddingsConfig | None") -> PromptEmbe
     global _shared
     key = None if settings is None else tuple(sorted(settings.model_dump().items()))
     local = key is None or settings.backend == LOCAL
+    runtime = None if settings is None or settings.runtime == "auto" else settings.runtime
     with _shared_lock:
-        if _shared is not None and (_shared.settings_key == key or (local and _shared.triton is None)):
-            return _shared
+        if _shared is not None and (_shared.settings_key == key or (
+                local and runtime is None and _shared.triton is None and _shared.runtime is None)):
+            return _shared  # the same settings; or local on the default runtime, as the one there is
         old = _shared
+        factory = None if runtime is None else functools.partial(get_encoder, runtime)
         if local:
-            _shared = PromptEmbedder()
+            _shared = PromptEmbedder(factory)
         else:
             client = TritonEmbeddingClient(settings.triton_url, model=settings.triton_model,
                                            timeout=settings.timeout_seconds)
-            _shared = PromptEmbedder(triton=client, on_unavailable=settings.on_unavailable,
+            _shared = PromptEmbedder(factory, triton=client, on_unavailable=settings.on_unavailable,
                                      retry_seconds=settings.retry_seconds, batch_in_gateway=settings.batch_in_gateway)
+        _shared.runtime = runtime
         _shared.settings_key = key
     if old is not None:
         old.close()

@@ -153,6 +153,10 @@ class EmbeddingsConfig(_Strict):
 
     backend: Literal["local", "triton"] = Field("local", description="local: MiniLM in the worker (NumPy); "
                                                 "triton: Triton's embedder model (same vectors; GPUs in production)")
+    runtime: Literal["auto", "numpy", "onnxruntime", "onnxruntime-int8"] = Field(
+        "auto", description="the in-worker encoder's runtime (backend local, and the fallback): auto is "
+        "onnxruntime when installed, else numpy (same vectors); onnxruntime-int8 moves them (cosine >= 0.98); "
+        "$EXTPROC_EMBEDDINGS_RUNTIME is used when this is auto (extproc/embeddings/encoder.py)")
     triton_url: str = Field("http://127.0.0.1:8000", description="Triton's HTTP endpoint (backend triton)")
     triton_model: str = Field("embedder", description="the Triton model (triton_models/embedder)")
     timeout_seconds: float = Field(2.0, gt=0, description="a batch Triton has not answered by then counts as a failure")

@@ -253,3 +253,17 @@ def test_extproc_up_loads_the_embedder_and_points_the_service_at_it(tmp_path):
     args = argparse.Namespace(embeddings_triton_url="http://127.0.0.1:18000")
     assert _overrides(args) == {"embeddings": {"triton_url": "http://127.0.0.1:18000"}}
     assert StackPorts().triton_http == 8000
+
+
+def test_the_configured_runtime_builds_the_local_encoder(monkeypatch):
+    asked = []
+    monkeypatch.setattr(prompts, "get_encoder", lambda runtime=None: asked.append(runtime) or LocalEncoder())
+    monkeypatch.setattr(prompts, "_shared", None)
+    default = prompts.configure_prompt_embedder(load_config(None).embeddings)
+    default.load()
+    numpy_one = prompts.configure_prompt_embedder(load_config(None, overrides={"embeddings": {"runtime": "numpy"}}).embeddings)
+    assert numpy_one is not default and numpy_one.runtime == "numpy"
+    numpy_one.load()
+    assert asked == ["numpy"]  # the default embedder builds get_encoder() from encoder.py itself
+    with pytest.raises(ConfigError, match="runtime"):
+        load_config(None, overrides={"embeddings": {"runtime": "tensorflow"}})

@@ -2,8 +2,9 @@
 
 Input ``text`` STRING [1] per item, output ``embedding`` FP32 [384] (mean pooling + L2 norm,
 same vectors as sentence-transformers).  The dynamic batcher hands several requests to one
-``execute``; all their texts go through the encoder together.  The config parameter
-``blas_threads`` (default 1, ``auto``: the library's choice) sets the BLAS pool, as the LLM tiers
+``execute``; all their texts go through the encoder together.  The config parameter ``runtime``
+(default ``auto``: ONNX Runtime when installed, else NumPy; the same vectors) picks the encoder
+as the gateway's ``embeddings.runtime`` does; ``blas_threads`` (default 1, ``auto``: the library's choice) sets the BLAS pool, as the LLM tiers
 do (reference_llm/blas_threads.py); an explicit ``OPENBLAS_NUM_THREADS`` wins.
 """
 
@@ -31,7 +32,7 @@ _extend_sys_path()
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from extproc.embeddings.encoder import MiniLMEncoder  # noqa: E402
+from extproc.embeddings.encoder import get_encoder  # noqa: E402
 
 
 _BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -53,11 +54,14 @@ def _blas_threads(args) -> str:
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.encoder = MiniLMEncoder.from_package()
+        params = json.loads(args.get("model_config", "{}")).get("parameters", {})
+        runtime = str(params.get("runtime", {}).get("string_value", "auto")).strip() or "auto"
+        self.encoder = get_encoder(runtime)
         threads = _blas_threads(args)
         pb_utils.Logger.log_info(
             f"embedder: all-MiniLM-L6-v2 from {self.encoder.model_dir} "
-            f"(dim={self.encoder.dim}, max_seq_length={self.encoder.max_seq_length}, blas_threads={threads})"
+            f"(runtime {type(self.encoder).__name__}, dim={self.encoder.dim}, "
+            f"max_seq_length={self.encoder.max_seq_length}, blas_threads={threads})"
         )
 
     def execute(self, requests):
