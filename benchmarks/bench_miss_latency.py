@@ -330,15 +330,19 @@ async def closed_loop(name: str, port: int, make, connections: int, duration: fl
 
 
 async def interleaved(port_of: dict[str, int], makers: dict[str, object], rounds: int, per_round: int,
-                      gap: float = 0.0) -> dict[str, Sample]:
-    """One connection per case; the cases take turns (``per_round`` requests each, ``rounds`` times),
-    so that drift on the machine hits all of them alike."""
+                      gap: float = 0.0, budget: float | None = None) -> dict[str, Sample]:
+    """One connection per case; the cases take turns (``per_round`` requests each, ``rounds`` times,
+    at least two rounds but no new round once ``budget`` seconds are spent), so that drift on the
+    machine hits all of them alike."""
     samples = {name: Sample(name) for name in makers}
     conns = {name: await Conn(port_of[name]).open() for name in makers}
     for name, make in makers.items():  # warm-up: the connection, the route, the model
         for _ in range(5):
             await conns[name].send(make())
+    started = time.perf_counter()
     for r in range(rounds):
+        if budget is not None and r >= 2 and time.perf_counter() - started > budget:
+            break
         order = list(makers) if r % 2 == 0 else list(reversed(makers))
         for name in order:
             t0 = time.perf_counter()
@@ -477,10 +481,10 @@ def case_direct(stack: BenchStack, tiers: list[str], duration: float, stream_tok
             f"Envoy alone, {stream_tokens} tok": (stack.plain_port, triton(stream_path, stream_tokens)),
             f"gateway, chat SSE, {stream_tokens} tok": (stack.gateway_port, gateway(stream_tokens, True)),
         }
-        # About 5 ms per request: rounds of 20 per case, as many as fit in the duration per case.
-        rounds = max(2, int(duration * len(makers) / (20 * 0.006 * len(makers))))
+        # Rounds of 20 per path until about `duration` s per path are spent (at most 1,000 per path).
         samples = asyncio.run(interleaved({k: p for k, (p, _) in makers.items()},
-                                          {k: m for k, (_, m) in makers.items()}, rounds, 20))
+                                          {k: m for k, (_, m) in makers.items()}, 50, 20,
+                                          budget=duration * len(makers)))
         for name, s in samples.items():
             rows.append({"tier": tier, **s.summary(), "name": name})
     return rows
@@ -492,6 +496,8 @@ def case_phases(stack: BenchStack, tiers: list[str], requests: int, stream_token
     import time as _time
 
     port = stack.start_traced()
+    _time.sleep(2.5)  # the earlier cases' usage records are written (the service flushes about every second)
+    first_record = _lines(stack.usage_log)
     runs = []
     for tier in tiers:
         for label, tokens, stream in (("chat JSON, 1 tok", 1, False), (f"chat SSE, {stream_tokens} tok", stream_tokens, True)):
@@ -499,11 +505,11 @@ def case_phases(stack: BenchStack, tiers: list[str], requests: int, stream_token
             asyncio.run(interleaved({"m": port}, {"m": make}, 1, requests))
             runs.append((tier, label, stream))
     _time.sleep(2.5)  # Envoy flushes its access log, the service its usage records, about every second
-    envoy, service = _read_json_lines(stack.phase_log), _read_json_lines(stack.usage_log)
+    envoy, service = _read_json_lines(stack.phase_log), _read_json_lines(stack.usage_log)[first_record:]
     rows = []
     for tier, label, stream in runs:
         kind = "text/event-stream" if stream else "application/json"
-        mine = [r for r in envoy if str(r.get("status")) == "200" and r.get("cluster") == f"tier_{tier}"
+        mine = [r for r in envoy if str(r.get("status")) == "200" and str(r.get("cluster")).startswith(f"tier_{tier}")
                 and str(r.get("content_type", "")).startswith(kind)]
         theirs = [r for r in service if r.get("tier") == tier and r.get("stream") is stream
                   and r.get("cache_status") == "miss"]
