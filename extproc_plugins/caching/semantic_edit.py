@@ -67,8 +67,9 @@ _DO = frozenset({"do", "does", "did"})
 
 def related(x: str, y: str) -> bool:
     """The same word, or one stem: one a prefix of the other (at least 3 letters: "app" /
-    "application"), or a shared prefix of at least 4 letters and 60 % of the shorter word
-    ("alphabetical" / "alphabetically", "summarize" / "summary", "leaky" / "leaking")."""
+    "application"), or a shared prefix of at least 4 letters and 60 % of the shorter word, each
+    word's rest an ending ("alphabetical" / "alphabetically", "summarize" / "summary", "leaky" /
+    "leaking"; not "prednisone" / "prednisolone")."""
     if x == y:
         return True
     if not (x.isalpha() and y.isalpha()):
@@ -79,7 +80,18 @@ def related(x: str, y: str) -> bool:
     n = 0
     while n < short and x[n] == y[n]:
         n += 1
-    return n >= 4 and n >= 0.6 * short
+    # the rest of each word an ending ("-ize" / "-y"), not another middle (prednisone / prednisolone)
+    return n >= 4 and n >= 0.6 * short and _ending(x[n:]) and _ending(y[n:])
+
+
+_ENDINGS = frozenset("""e y s es ed ing ly al ally ical ic ion ation ions ations ize ise ized ised izing ising
+er ers or ors ity ness ment ments able ible ive ively ies ied ier iest ary ery ory ure ance ence ant ent
+ous ist ism ian ful less ish ial ially ual ually ar ic ics""".split())
+
+
+def _ending(rest: str) -> bool:
+    """An inflection or derivation ending, or one or two letters of a stem's change ("leak-y")."""
+    return len(rest) <= 2 or rest in _ENDINGS or any(rest.endswith(e) and len(rest) - len(e) <= 2 for e in _ENDINGS)
 
 
 def modal_groups(seq: tuple[str, ...]) -> list[tuple[int, str]]:

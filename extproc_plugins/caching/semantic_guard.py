@@ -10,7 +10,8 @@ the two texts on what such near misses change (each check can be turned off):
 ``negation``     whether the text is negated (not, no, never, without, n't, cannot...)
 ``entities``     every capitalised name or acronym of one text (not the first word of a sentence)
                  must occur in the other as a word, case-insensitively (France / france's), or
-                 as the initials of capitalised words (UK / United Kingdom)
+                 as the initials of capitalised words (UK / United Kingdom), or an acronym as the
+                 initials of consecutive words of any case (UTI / urinary tract infection)
 ``contrast``     one text must not use a word whose opposite the other uses instead (largest /
                  smallest, before / after, encrypt / decrypt, zoom in / zoom out...)
 ``direction``    the words around "to"/"from"/"into" must not be swapped ("kilograms to pounds"
@@ -161,6 +162,7 @@ class Features:
     words: frozenset
     contrast: frozenset
     pairs: frozenset  # (left, right) content words around to/from/into
+    initials: frozenset = frozenset()  # initials of 2-5 consecutive words ("uti": urinary tract infection)
 
 
 def _number(token: str) -> float | None:
@@ -233,6 +235,8 @@ def features(text: str) -> Features:
             entities.difference_update((n,) for n in names)
             entities.add(names + (initials,))
             words.add(initials)
+    parts = [p for m in _WORD.finditer(text) for p in _base(m.group(0)).split("-") if p and p[0].isalpha()]
+    initials = {"".join(w[0] for w in parts[i:i + n]) for n in range(2, 6) for i in range(len(parts) - n + 1)}
     pairs = set()
     for i, w in enumerate(content):
         if w in ("->", "<-"):
@@ -241,7 +245,7 @@ def features(text: str) -> Features:
             if left and right:
                 pairs.add((left, right) if w == "->" else (right, left))
     return Features(tuple(sorted(numbers)), negated, frozenset(entities), frozenset(words),
-                    frozenset(contrast), frozenset(pairs))
+                    frozenset(contrast), frozenset(pairs), frozenset(initials))
 
 
 def _word_in(name: str, words: frozenset) -> bool:
@@ -256,11 +260,13 @@ def _word_in(name: str, words: frozenset) -> bool:
     return False
 
 
-def _named_in(entities: frozenset, words: frozenset) -> bool:
-    """Whether every name occurs in ``words``: each of its words, or a multi-word name's initials."""
+def _named_in(entities: frozenset, words: frozenset, initials: frozenset = frozenset()) -> bool:
+    """Whether every name occurs in ``words``: each of its words, or a multi-word name's initials;
+    an acronym of 2-5 letters may be spelled out in the other text ("UTI" / "urinary tract
+    infection", "YoY" / "year-over-year"): the initials of consecutive words there."""
     for name in entities:
         if len(name) == 1:
-            if not _word_in(name[0], words):
+            if not _word_in(name[0], words) and not (2 <= len(name[0]) <= 5 and name[0] in initials):
                 return False
         elif not (all(w in words for w in name[:-1]) or name[-1] in words):
             return False
@@ -282,7 +288,8 @@ def compatible(a: str, b: str, checks: GuardChecks = GuardChecks()) -> tuple[boo
         return False, "numbers"
     if checks.negation and fa.negated != fb.negated:
         return False, "negation"
-    if checks.entities and not (_named_in(fa.entities, fb.words) and _named_in(fb.entities, fa.words)):
+    if checks.entities and not (_named_in(fa.entities, fb.words, fb.initials)
+                                and _named_in(fb.entities, fa.words, fa.initials)):
         return False, "entities"
     if checks.contrast and _opposed(fa.contrast, fb.contrast):
         return False, "contrast"

@@ -31,9 +31,11 @@ and the *differing spans* are judged:
 ``edit``      the shape of the edit (:mod:`extproc_plugins.caching.semantic_edit`): in a
               near-identical pair every content word left over must be explained (moved, one stem,
               or framing); one added or dropped rejects, one replaced must embed on its own at
-              ``edit_min_cosine`` or more (0.70: a stricter bar than the loose span check); content
+              ``edit_min_cosine`` or more (0.75: a stricter bar than the loose span check); content
               words exchanged between two places reject; the modality (obligation, permission,
               advice...) must be the same.
+``predicates`` the checks of :mod:`extproc_plugins.caching.semantic_predicates` (task, length and
+              register, roles, negation per clause, quantifiers, agent, words spelled alike).
 ``spans``     a small substitution (at most 3 words each side, the rest of the sentence aligned)
               must be a near-synonym: the two spans are embedded on their own with the same MiniLM
               and their cosine must reach ``span_min_cosine``. Synonyms ("largest" / "biggest",
@@ -54,18 +56,26 @@ from functools import lru_cache
 
 import numpy as np
 
-from extproc_plugins.caching.semantic_edit import FRAME, edit
+from extproc_plugins.caching.semantic_edit import FRAME, edit, related
+from extproc_plugins.caching.semantic_predicates import predicates
 
 __all__ = ["Structure", "structure", "spans_agree", "tokens", "SPAN_MIN_COSINE"]
 
 SPAN_MIN_COSINE = 0.20
-EDIT_MIN_COSINE = 0.70
+EDIT_MIN_COSINE = 0.75
 EDIT_MAX_LEFT = 5
 MAX_SPAN_WORDS = 3
 _ALWAYS = frozenset({"number", "symbol", "negation"})
 
 _TOKEN = re.compile(r"[a-z]+(?:-[a-z]+)*|\d+(?:[.,:]\d+)*(?:st|nd|rd|th|am|pm|%)?|[$€£%]", re.I)
 _LETTER = re.compile(r"([^.!?\s]\s*[\s(\"']|[,;:]\s+)(?!I\b)([A-Z])\b(?!['\u2019]|\.\w)")
+# Names spelled with symbols, as one word each: "C++" is not "C", "C#" is not "C", ".NET", "Node.js".
+_SYMBOL_NAMES = [
+    (re.compile(r"(?<![\w+])([A-Za-z])\+\+(?!\w)"), r" \1plusplus "),
+    (re.compile(r"(?<![\w#])([A-Za-z])#(?!\w)"), r" \1sharp "),
+    (re.compile(r"(?<![\w.])\.(net)\b", re.I), r" dot\1 "),
+    (re.compile(r"\b([A-Za-z]+)\.js\b", re.I), r"\1js"),
+]
 _CONTRACTIONS = [
     (re.compile(r"\bwon't\b", re.I), "will not"), (re.compile(r"\bcan't\b", re.I), "can not"),
     (re.compile(r"\bcannot\b", re.I), "can not"), (re.compile(r"n't\b", re.I), " not"),
@@ -89,6 +99,9 @@ and or but so if then than please can could would will shall what which who whom
 how way ways thing things tell give show explain describe let lets s t just also really actually
 some any kind sort type
 """.split()) - {"from", "to", "into", "than"}
+# The framing of a symmetric comparison: "the difference between A and B" asks what "B vs A" asks.
+_COMPARISON = frozenset({"between", "vs", "versus", "difference", "differ", "different", "compare", "compared",
+                         "comparison", "distinguish"})
 _PIVOT_FUNCTION = frozenset({"to", "from", "into", "than", "over", "by", "vs", "versus"})
 
 # Closed classes: a word of one of them differing between the texts changes the answer.
@@ -126,6 +139,7 @@ _SWAP_CLASS_WORDS = {
                    playful""",
     "polarity": """pros=advantage=benefit=upside cons=disadvantage=drawback=downside risk=danger good bad""",
     "direction": """from to=into=onto toward=towards away""",
+    "length": """short=brief=concise=succinct detailed=thorough=comprehensive=extensive=exhaustive""",
 }
 _SWAP_CLASSES: dict[str, str] = {}
 _CANON: dict[str, str] = {}
@@ -137,11 +151,16 @@ for _table, _target in ((_CLASS_WORDS, _CLASSES), (_SWAP_CLASS_WORDS, _SWAP_CLAS
                 _target.setdefault(_w, _cls)
                 _CANON.setdefault(_w, _members[0])
 _DEGREE = frozenset({"more", "less", "most", "least", "fewer", "better", "worse", "best", "worst"})
+# Degree words of the same meaning ("quickest" / "fastest" is no swap).
+_SAME_DEGREE = {"quickest": "fastest", "quicker": "faster", "speediest": "fastest", "biggest": "largest",
+                "bigger": "larger", "tiniest": "smallest", "simplest": "easiest", "simpler": "easier"}
+_CANON.update(_SAME_DEGREE)  # and they explain each other in the edit check
 _NOT_DEGREE = frozenset({"interest", "request", "suggest", "forest", "honest", "invest", "harvest",
                          "digest", "contest", "protest", "manifest", "modest", "earnest", "conquest"})
 _ADJ_ER = frozenset("""fast slow quick high low big small larg great long short old new young cheap rich
 poor hot cold warm cool strong weak heavy light hard soft easy safe deep wide near far clos dark bright
-smart loud quiet thick thin tall tight loos sharp fresh clean""".split())
+smart loud quiet thick thin tall tight loos sharp fresh clean busy happy healthy early pretty noisy risky
+tasty lucky simple rare nice fine wise late pure dense steep rough smooth clear tough calm""".split())
 _NEG_PREFIX = ("un", "dis", "de", "in", "im", "non", "il", "ir")
 # Prefixes that make opposite pairs from one stem (inhale / exhale, upload / download, increase / decrease).
 _PAIR_PREFIX = frozenset({"in", "ex", "im", "up", "down", "en", "de", "inc", "dec", "pre", "post", "over",
@@ -158,6 +177,12 @@ def _stem(word: str) -> str:
 
 
 _UNIT_AFTER_NUMBER = 4  # letters: a short word right after a number is its unit (5 mg, 100 Mbps, 4 ft)
+# Lower-case words after a number that are units by their abbreviation; another lower-case word
+# there is a word ("5 name ideas", "3 bed flat"); a word with a capital is always a unit (5 MB).
+_UNIT_ABBREVIATIONS = frozenset("""mg mcg ug ml l kg g km m cm mm ft in oz lb lbs kb mb gb tb kbps mbps gbps
+hz khz mhz ghz kw kwh w v mph kph psi rpm fps dpi ppm bpm iu mmol px pt ms ns tbsp tsp qt gal pct""".split())
+_UNIT_WORDS = {"min": "minute", "mins": "minute", "hr": "hour", "hrs": "hour", "h": "hour", "sec": "second",
+               "secs": "second", "yr": "year", "yrs": "year", "wk": "week", "wks": "week", "mo": "month"}
 _OBLIGATION = re.compile(r"\b(?:have|has|had|got) to\b")
 
 
@@ -165,7 +190,11 @@ _OBLIGATION = re.compile(r"\b(?:have|has|had|got) to\b")
 def tokens(text: str) -> tuple[str, ...]:
     """Normalised tokens: lower case, contractions split, hyphenated words split, number words as
     digits, a light stem; "have to" as "must"; a short word right after a number is a unit and
-    keeps its case ("unit:MBps" is not "unit:Mbps")."""
+    keeps its case ("unit:MBps" is not "unit:Mbps") when it has a capital or is a known
+    abbreviation (mg, ml, gb...), "min"/"hrs"/"yrs" as the unit's word, else it is a word ("5 name
+    ideas"); names with symbols as words ("cplusplus", "csharp", "dotnet", "nodejs")."""
+    for pattern, repl in _SYMBOL_NAMES:
+        text = pattern.sub(repl, text)
     # a lone capital letter other than "I", not opening a sentence, is a symbol (A to Z, vitamin C)
     t = _LETTER.sub(lambda m: m.group(1) + "letter-" + m.group(2).lower(), text).replace("\u2019", "'")
     for pattern, repl in _CONTRACTIONS:
@@ -187,8 +216,12 @@ def tokens(text: str) -> tuple[str, ...]:
                 continue
             if out and out[-1][0].isdigit() and part.isalpha() and len(part) <= _UNIT_AFTER_NUMBER \
                     and w not in _STOP and (w not in _CLASSES or not part.islower()):
-                out.append("unit:" + part)
-                continue
+                if part.islower() and w in _UNIT_WORDS:  # "45 min" is "45 minutes"
+                    out.append(_UNIT_WORDS[w])
+                    continue
+                if not part.islower() or w in _UNIT_ABBREVIATIONS:
+                    out.append("unit:" + part)
+                    continue
             out.append(_stem(w) if w[0].isalpha() and w not in _STOP else w)
     return tuple(out)
 
@@ -227,10 +260,19 @@ def _affixed(x: str, y: str) -> bool:
     return n >= 3 and x[: len(x) - n] in _PAIR_PREFIX and y[: len(y) - n] in _PAIR_PREFIX
 
 
+def _comparative(word: str) -> bool:
+    """A comparative adjective: slower, larger, easier (easy), bigger (big)."""
+    if len(word) <= 4 or not word.endswith("er"):
+        return False
+    base = word[:-2]
+    return base in _ADJ_ER or word[:-1] in _ADJ_ER or base[:-1] + "y" in _ADJ_ER \
+        or (len(base) > 2 and base[-1] == base[-2] and base[:-1] in _ADJ_ER)
+
+
 def _degree(word: str) -> bool:
     """A superlative or comparative adjective, or a degree word (fastest, slower, least, more)."""
     return word in _DEGREE or (len(word) > 5 and word.endswith("est") and word not in _NOT_DEGREE) \
-        or (len(word) > 4 and word.endswith("er") and word[:-2] in _ADJ_ER)
+        or _comparative(word)
 
 
 def _swapped(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
@@ -265,6 +307,19 @@ def _swapped(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
     return False
 
 
+_JOINED = re.compile(r"[A-Za-z0-9]+(?:\s?[/:×-]\s?[A-Za-z0-9]+)+")
+_JOINER = re.compile(r"\s?[/:×-]\s?")
+
+
+def _reordered_joined(a: str, b: str) -> bool:
+    """A sequence joined by a symbol ("DD/MM/YYYY", "HH:MM", "W×H") in one text with the same parts
+    in another order in the other ("MM/DD/YYYY"): the order is the meaning."""
+    def seqs(text):
+        return {tuple(p.lower() for p in _JOINER.split(m.group(0))) for m in _JOINED.finditer(text)}
+    sa, sb = seqs(a), seqs(b)
+    return any(x != y and sorted(x) == sorted(y) for x in sa - sb for y in sb - sa)
+
+
 def _permuted(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
     """The same content words (and relation words) in another order that is not one phrase moved
     elsewhere ("caffeine affects sleep or sleep affects caffeine" reordered)."""
@@ -278,9 +333,36 @@ def _permuted(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
     return True
 
 
+def _comparing(seq: tuple[str, ...]) -> bool:
+    """A symmetric comparison of two things ("difference between A and B", "A vs B"), with no
+    degree word or "than" that would give it a direction ("is A faster than B")."""
+    return any(w in _COMPARISON for w in seq) and not any(w == "than" or _degree(w) for w in seq)
+
+
+def _contract_acronyms(ta: tuple[str, ...], tb: tuple[str, ...]) -> tuple[str, ...]:
+    """``tb`` with each run of 2-5 words whose initials spell a word of ``ta`` absent from ``tb``
+    replaced by that word ("urinary tract infection" -> "uti" when the other text says "UTI")."""
+    acronyms = {w for w in ta if w.isalpha() and 2 <= len(w) <= 5 and w not in tb}
+    if not acronyms:
+        return tb
+    out, i = [], 0
+    while i < len(tb):
+        for n in range(5, 1, -1):
+            run = tb[i:i + n]
+            if len(run) == n and all(w.isalpha() for w in run) and "".join(w[0] for w in run) in acronyms:
+                out.append("".join(w[0] for w in run))
+                i += n
+                break
+        else:
+            out.append(tb[i])
+            i += 1
+    return tuple(out)
+
+
 def structure(a: str, b: str) -> Structure:
     """Align ``a`` and ``b`` and judge the differing spans without a model."""
     ta, tb = tokens(a), tokens(b)
+    ta, tb = _contract_acronyms(tb, ta), _contract_acronyms(ta, tb)
     if ta == tb:
         return Structure(True)
     matcher = SequenceMatcher(None, ta, tb, autojunk=False)
@@ -324,12 +406,16 @@ def structure(a: str, b: str) -> Structure:
                 return Structure(False, "affix")
     for tag, i1, i2, j1, j2 in ops:  # "faster" -> "slower", "safest" -> "least safe"
         if tag == "replace":
-            da = {w for w in ta[i1:i2] if _degree(w)}
-            db = {w for w in tb[j1:j2] if _degree(w)}
+            da = {_SAME_DEGREE.get(w, w) for w in ta[i1:i2] if _degree(w)}
+            db = {_SAME_DEGREE.get(w, w) for w in tb[j1:j2] if _degree(w)}
             if da and db and da != db:
                 return Structure(False, "degree")
-    if _swapped(ta, tb) or _permuted(ta, tb):
+    symmetric = _comparing(ta) and _comparing(tb)
+    if (not symmetric and (_swapped(ta, tb) or _permuted(ta, tb))) or _reordered_joined(a, b):
         return Structure(False, "order")
+    why = predicates(ta, tb, ops, _STOP, related)
+    if why:
+        return Structure(False, why)
     if judged.reason:
         return Structure(False, judged.reason)
     # small substitutions must be near-synonyms (judged by the caller's embeddings)
@@ -337,8 +423,8 @@ def structure(a: str, b: str) -> Structure:
     content_b = [w for w in only_b if w not in _STOP]
     if content_a and content_b:
         for tag, i1, i2, j1, j2 in ops:
-            sa = [w for w in ta[i1:i2] if w not in _STOP and w not in FRAME]
-            sb = [w for w in tb[j1:j2] if w not in _STOP and w not in FRAME]
+            sa = [w for w in ta[i1:i2] if w not in _STOP and w not in FRAME and w not in _COMPARISON]
+            sb = [w for w in tb[j1:j2] if w not in _STOP and w not in FRAME and w not in _COMPARISON]
             if sa and sb and len(sa) <= MAX_SPAN_WORDS and len(sb) <= MAX_SPAN_WORDS:
                 spans.append((" ".join(sa), " ".join(sb)))
     return Structure(True, "", tuple(spans), judged.spans)

@@ -14,6 +14,9 @@ import pytest
 
 from extproc_plugins.caching.semantic_cache import SemanticCache
 from extproc_plugins.caching.semantic_edit import exchanged, modal_groups, related
+from extproc_plugins.caching.semantic_predicates import (agent_swapped, length_classes, negation_moved, predicates,
+                                                         quantifier_swapped, roles_exchanged, spelled_alike,
+                                                         task_classes)
 from extproc_plugins.caching.semantic_verify import _STOP, structure, tokens
 
 from .cache_helpers import chat_body, harness
@@ -157,3 +160,115 @@ def test_tokens_keep_unit_case_and_split_hyphens():
     assert tokens("5 MB or 5 Mb") == ("5", "unit:MB", "or", "5", "unit:Mb")
     assert tokens("a non-toxic glue") == ("a", "non", "toxic", "glue")
     assert tokens("at 6 am") == ("at", "6am")
+
+
+# Guard v3: the predicate checks (semantic_predicates.py). Hand-written, one group per class of
+# failure: each class with examples of other words than the data sets' (other places, other
+# prepositions, other verbs), and the paraphrases each rule must still let through.
+V3_NEAR_MISSES = {
+    "roles": [("How long is the train from Paris to Berlin?", "How long is the train from Berlin to Paris?"),
+              ("Ship the parcel from Cape Town into Lagos.", "Ship the parcel from Lagos into Cape Town.")],
+    "symbol_names": [("Show me a for loop in C#.", "Show me a for loop in C."),
+                     ("How do I read a file in F#?", "How do I read a file in F++?")],
+    "negation_moved": [("Why does the alarm not ring when the door opens?", "Why does the alarm ring when the door does not open?")],
+    "scope": [("Are any of my plants toxic to cats: lilies, ferns, palms?", "Are all of my plants toxic to cats: lilies, ferns, palms?")],
+    "task": [("Translate this product description.", "Critique this product description."),
+             ("Extract the dates from this contract.", "Rewrite this contract.")],
+    "length": [("Give a brief overview of the French Revolution.", "Give a comprehensive overview of the French Revolution."),
+               ("Explain compound interest in plain language.", "Explain compound interest in rigorous technical language.")],
+    "comparative": [("Which is busier, the north terminal or the south terminal?",
+                     "Which is calmer, the north terminal or the south terminal?")],
+    "spelling": [("What is the usual dose of hydroxyzine for itching?", "What is the usual dose of hydralazine for itching?")],
+}
+
+V3_PARAPHRASES = [
+    ("How long is the train from Paris to Berlin?", "From Paris to Berlin, how long is the train?"),
+    ("How far is it from Paris to Berlin?", "What is the distance from Paris to Berlin?"),
+    ("Summarize this meeting transcript.", "Give me a summary of this meeting transcript."),
+    ("Reply to this email from a supplier.", "Write a response to this email from a supplier."),
+    ("Give a brief overview of the French Revolution.", "Give a short overview of the French Revolution."),
+    ("What is the difference between a virus and a bacterium?", "Bacterium vs virus: how are they different?"),
+    ("What are the early symptoms of a UTI?", "What are the early symptoms of a urinary tract infection?"),
+]
+
+
+@pytest.mark.parametrize("kind", sorted(V3_NEAR_MISSES))
+async def test_v3_hand_written_near_misses_of_each_class_are_not_served(kind):
+    pairs = V3_NEAR_MISSES[kind]
+    assert await _hits(pairs) == [False] * len(pairs)
+
+
+async def test_v3_hand_written_paraphrases_still_hit():
+    assert await _hits(V3_PARAPHRASES) == [True] * len(V3_PARAPHRASES)
+
+
+def test_task_classes_group_instruction_verbs():
+    assert task_classes(tokens("Summarise these notes.")) == task_classes(tokens("Write a summary of these notes."))
+    assert task_classes(tokens("Respond to this review.")) == {"reply"}
+    assert task_classes(tokens("Explain this poem.")) == frozenset()  # framing is no task
+    assert predicates(*_ops("Translate this memo.", "Proofread this memo."), _STOP, related) == "task"
+
+
+def test_length_and_register_words_oppose_only_across_the_pair():
+    assert length_classes(tokens("Quick question: what is a detailed balance sheet?")) == {"thorough"}
+    assert predicates(*_ops("Write a concise bio.", "Write a lengthy bio."), _STOP, related) == "length"
+    assert predicates(*_ops("Write a concise bio.", "Write a succinct bio."), _STOP, related) == ""
+    assert predicates(*_ops("Describe DNS in simple words.", "Describe DNS in technical words."), _STOP,
+                      related) == "register"
+
+
+def test_roles_follow_source_and_goal_markers_over_many_words():
+    ta, tb, _ops_ = _ops("a flight from Buenos Aires to Sao Paulo", "a flight from Sao Paulo to Buenos Aires")
+    assert roles_exchanged(ta, tb, _STOP)
+    ta, tb, _ops_ = _ops("a flight from Buenos Aires to Sao Paulo", "to Sao Paulo from Buenos Aires, a flight")
+    assert not roles_exchanged(ta, tb, _STOP)
+
+
+def test_agent_is_the_user_as_subject_against_the_user_as_object():
+    ta, tb, _ops_ = _ops("How do I email my manager a report?", "How does my manager email me a report?")
+    assert agent_swapped(ta, tb, _STOP)
+    ta, tb, _ops_ = _ops("Can you help me write a poem?", "How do I write a poem?")
+    assert not agent_swapped(ta, tb, _STOP)
+
+
+def test_negation_moved_to_another_predicate():
+    ta, tb, _ops_ = _ops("Why is the light not on when the switch is up?", "Why is the light on when the switch is not up?")
+    assert negation_moved(ta, tb, _STOP, related)
+    ta, tb, _ops_ = _ops("Why does my car not start?", "Why won't my car start?")
+    assert not negation_moved(ta, tb, _STOP, related)
+
+
+def test_quantifiers_swapped_in_a_replaced_span():
+    ta, tb, ops = _ops("Do any of the tests fail?", "Do all of the tests fail?")
+    assert quantifier_swapped(ops, ta, tb)
+    ta, tb, ops = _ops("Do any of the tests fail?", "Do some of the tests fail?")
+    assert not quantifier_swapped(ops, ta, tb)
+
+
+def test_words_spelled_alike_without_a_stem_are_not_synonyms():
+    assert spelled_alike("hydroxyzine", "hydralazine", related)
+    assert spelled_alike("methanol", "ethanol", related) and spelled_alike("affect", "effect", related)
+    assert not spelled_alike("colour", "color", related) and not spelled_alike("analyse", "analyze", related)
+    assert not spelled_alike("recieve", "receive", related)  # a typo
+    assert not spelled_alike("delete", "remove", related) and not spelled_alike("running", "runner", related)
+
+
+def test_length_words_negated_or_in_set_phrases():
+    assert length_classes(tokens("Explain it in non-technical terms.")) == {"plain"}
+    assert length_classes(tokens("Explain it with no jargon.")) == {"plain"}
+    assert length_classes(tokens("How long should I rest after a short-term loan?")) == frozenset()
+    assert predicates(*_ops("Explain APIs in non-technical terms.", "Explain APIs in plain terms."), _STOP,
+                      related) == ""
+
+
+def test_writing_new_text_is_a_task_against_a_named_one():
+    assert task_classes(tokens("Compose a toast for my sister's wedding.")) == {"produce"}
+    assert task_classes(tokens("Write a summary of the wedding speech.")) == {"summary"}
+    assert predicates(*_ops("Draft a grant proposal.", "Review my grant proposal."), _STOP, related) == "task"
+    assert predicates(*_ops("Write a limerick about owls.", "Compose a limerick about owls."), _STOP, related) == ""
+
+
+def test_one_stem_needs_endings_after_the_shared_prefix():
+    assert related("organize", "organization") and related("rotate", "rotation")
+    assert not related("prednisone", "prednisolone") and not related("hydroxyzine", "hydroxyurea")
+    assert spelled_alike("prednisone", "prednisolone", related)

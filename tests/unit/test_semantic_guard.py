@@ -53,3 +53,9 @@ def test_a_word_opposes_every_word_it_is_listed_against():
         for side, words in enumerate((a, b)):
             for w in words.split():
                 assert (i, side) in _CONTRAST[w], w
+
+
+def test_an_acronym_matches_the_initials_of_words_spelled_out():
+    assert compatible("What are the signs of COPD?", "What are the signs of chronic obstructive pulmonary disease?")[0]
+    assert compatible("Compute YoY revenue growth.", "Compute year-over-year revenue growth.")[0]
+    assert compatible("What are the signs of COPD?", "What are the signs of asthma?") == (False, "entities")

@@ -115,3 +115,45 @@ def test_span_embeddings_below_the_floor_reject():
     assert spans_agree((("x", "y"),), np.stack([v[0], v[0]]), 0.3) == (True, "")
     assert spans_agree((("x", "y"),), np.stack([v[0], v[1]]), 0.3) == (False, "spans")
     assert spans_agree((), np.zeros((0, 3)), 0.3) == (True, "")
+
+
+@pytest.mark.parametrize("a, b, reason", [
+    # guard v3: names with symbols are words of their own
+    ("Is C good for embedded work?", "Is C++ good for embedded work?", "class:symbol"),
+    ("Port this script to .NET.", "Port this script to Java.", None),
+    # a comparative of -ier / doubled consonant
+    ("Is a bigger battery safer?", "Is a smaller battery safer?", "degree"),
+    ("Is the hike easier in spring?", "Is the hike harder in spring?", "degree"),
+    # a sequence joined by a symbol, reordered
+    ("Enter the time as HH:MM.", "Enter the time as MM:HH.", "order"),
+    # from / to with multi-word places
+    ("What's the cheapest way to get from Los Angeles to San Diego?",
+     "What's the cheapest way to get from San Diego to Los Angeles?", "roles"),
+])
+def test_v3_structure_rejects_each_class(a, b, reason):
+    verdict = structure(a, b)
+    if reason is None:
+        assert not verdict.ok or verdict.spans or verdict.edit_spans  # not served on the pure check alone
+    else:
+        assert (verdict.ok, verdict.reason) == (False, reason)
+
+
+def test_v3_tokens_keep_symbols_in_names_and_read_unit_abbreviations():
+    assert "cplusplus" in tokens("Learn C++ fast") and "csharp" in tokens("a C# class")
+    assert "fsharp" in tokens("F# pipelines") and "dotnet" in tokens("the .NET runtime")
+    assert tokens("a Node.js server") == tokens("a NodeJS server") and "letter-c" in tokens("written in C.")
+    assert tokens("a 45 min run") == ("a", "45", "minute", "run")
+    assert tokens("give 5 name ideas") == ("give", "5", "name", "idea")
+    assert tokens("take 5 mg") == ("take", "5", "unit:mg")
+
+
+def test_v3_symmetric_comparisons_and_acronyms_are_explained():
+    assert structure("What is the difference between a lease and a loan?", "Loan vs lease: what is the difference?").ok
+    assert structure("Is Python faster than Go?", "Is Go faster than Python?").reason == "order"  # "than" has a direction
+    verdict = structure("What causes a DVT?", "What causes a deep vein thrombosis?")
+    assert verdict.ok and not verdict.edit_spans
+
+
+def test_v3_degree_words_of_one_meaning_are_no_swap():
+    assert structure("What is the quickest way to peel garlic?", "What is the fastest way to peel garlic?").ok
+    assert structure("Which is the biggest moon of Saturn?", "Which is the smallest moon of Saturn?").reason == "degree"
