@@ -67,3 +67,15 @@ class TenantFromHeader:
 def plugin_of(gw, name: str):
     """The registered instance of a plugin in a harness."""
     return next(p.obj for p in gw.gateway.hooks.plugins if p.name == name)
+
+
+async def semantic_hits(plugin, pairs) -> list[bool]:
+    """For each ``(a, b)``: store an answer for ``a``, then whether ``b`` is served from the semantic
+    cache (each pair in its own scope, a system prompt naming it, so pairs never see each other)."""
+    out = []
+    async with harness(plugin) as gw:
+        for i, (a, b) in enumerate(pairs):
+            await gw.send(chat_body(a, system=f"pair {i}"), answer="stored")
+            r = await gw.send(chat_body(b, system=f"pair {i}"), answer="fresh")
+            out.append(r.replied and r.headers.get("x-extproc-cache") == "semantic_hit")
+    return out

@@ -19,7 +19,7 @@ from extproc_plugins.caching.semantic_predicates import (agent_swapped, length_c
                                                          task_classes)
 from extproc_plugins.caching.semantic_verify import _STOP, structure, tokens
 
-from .cache_helpers import chat_body, harness
+from .cache_helpers import semantic_hits
 
 NEAR_MISSES = {
     "quantity": [("Suggest 4 names for a bakery.", "Suggest 12 names for a bakery."),
@@ -74,13 +74,7 @@ PARAPHRASES = [
 
 
 async def _hits(pairs) -> list[bool]:
-    out = []
-    async with harness(SemanticCache) as gw:
-        for i, (a, b) in enumerate(pairs):
-            await gw.send(chat_body(a, system=f"pair {i}"), answer="stored")
-            r = await gw.send(chat_body(b, system=f"pair {i}"), answer="fresh")
-            out.append(r.replied and r.headers.get("x-extproc-cache") == "semantic_hit")
-    return out
+    return await semantic_hits(SemanticCache, pairs)
 
 
 @pytest.mark.parametrize("kind", sorted(NEAR_MISSES))

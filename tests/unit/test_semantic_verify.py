@@ -12,7 +12,7 @@ import pytest
 from extproc_plugins.caching.semantic_cache import SemanticCache
 from extproc_plugins.caching.semantic_verify import spans_agree, structure, tokens
 
-from .cache_helpers import chat_body, harness
+from .cache_helpers import semantic_hits
 
 NEAR_MISSES = {
     "quantity": [("Give me 5 ideas for a team-building activity.", "Give me 10 ideas for a team-building activity."),
@@ -63,13 +63,7 @@ PARAPHRASES = [
 
 
 async def _hits(pairs) -> list[bool]:
-    out = []
-    async with harness(SemanticCache) as gw:
-        for i, (a, b) in enumerate(pairs):
-            await gw.send(chat_body(a, system=f"pair {i}"), answer="stored")
-            r = await gw.send(chat_body(b, system=f"pair {i}"), answer="fresh")
-            out.append(r.replied and r.headers.get("x-extproc-cache") == "semantic_hit")
-    return out
+    return await semantic_hits(SemanticCache, pairs)
 
 
 @pytest.mark.parametrize("kind", sorted(NEAR_MISSES))
