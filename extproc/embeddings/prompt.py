@@ -75,17 +75,23 @@ def clip_text(text: str, max_chars: int = ROUTE_TEXT_CHARS) -> str:
 
 
 
-def route_text(ctx: "RequestContext", max_chars: int = ROUTE_TEXT_CHARS) -> str:
-    """The text routers judge: the last user message (chat) or the prompt (completions), clipped."""
+def last_user_text(ctx: "RequestContext") -> str:
+    """The last user message (chat; the last message when none is the user's) or the prompt
+    (completions), whole."""
     req = ctx.request
     if req is None:
         return ""
     if req.messages:
         for message in reversed(req.messages):
             if message.role == "user":
-                return clip_text(message.text, max_chars)
-        return clip_text(req.messages[-1].text, max_chars)
-    return clip_text(req.prompt or "", max_chars)
+                return message.text
+        return req.messages[-1].text
+    return req.prompt or ""
+
+
+def route_text(ctx: "RequestContext", max_chars: int = ROUTE_TEXT_CHARS) -> str:
+    """The text routers judge: :func:`last_user_text`, clipped."""
+    return clip_text(last_user_text(ctx), max_chars)
 
 
 

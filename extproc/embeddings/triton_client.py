@@ -22,6 +22,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from extproc.wire.http1 import read_response
+
 DIM = 384
 
 
@@ -79,7 +81,7 @@ class TritonEmbeddingClient:
                 f"POST {self.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode("ascii") + body)
             await writer.drain()
-            status, headers, payload = await _read_response(reader)
+            status, headers, payload = await read_response(reader, keep_alive=True)
             vectors = _parse(status, headers, payload, n, self.model)
             ok = headers.get("connection", "").lower() != "close"
             return vectors
@@ -111,34 +113,6 @@ class TritonEmbeddingClient:
             for _, writer in idle:
                 writer.close()
         self._idle.clear()
-
-
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
-    status_line = await reader.readline()
-    if not status_line:
-        raise EmbedderUnavailable("Triton closed the connection")
-    parts = status_line.split(None, 2)
-    if len(parts) < 2 or not parts[1].isdigit():
-        raise EmbedderUnavailable(f"not an HTTP answer: {status_line[:80]!r}")
-    headers: dict[str, str] = {}
-    while True:
-        line = await reader.readline()
-        if line in (b"\r\n", b"\n", b""):
-            break
-        name, _, value = line.decode("latin-1").partition(":")
-        headers[name.strip().lower()] = value.strip()
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        out = bytearray()
-        while True:
-            size = int((await reader.readline()).split(b";", 1)[0].strip() or b"0", 16)
-            if size == 0:
-                while (await reader.readline()) not in (b"\r\n", b"\n", b""):
-                    pass
-                break
-            out += await reader.readexactly(size)
-            await reader.readexactly(2)
-        return int(parts[1]), headers, bytes(out)
-    return int(parts[1]), headers, await reader.readexactly(int(headers.get("content-length", "0")))
 
 
 def _parse(status: int, headers: dict[str, str], payload: bytes, n: int, model: str) -> np.ndarray:

@@ -42,6 +42,8 @@ from urllib.parse import urlsplit
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from extproc.wire.http1 import read_response
+
 __all__ = ["ModelLoad", "TritonMetricsClient", "TritonMetricsError", "parse_metrics", "parse_selector", "fetch_text"]
 
 
@@ -178,26 +180,6 @@ def parse_metrics(text: str, extra: Sequence[str] = ()) -> tuple[dict[str, Model
     return loads, gpu
 
 
-async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        out = bytearray()
-        while True:
-            size_line = await reader.readline()
-            if not size_line:
-                raise TritonMetricsError("connection closed inside a chunked body")
-            size = int(size_line.split(b";", 1)[0].strip() or b"0", 16)
-            if size == 0:
-                # trailers until the empty line
-                while (await reader.readline()) not in (b"\r\n", b"\n", b""):
-                    pass
-                return bytes(out)
-            out += await reader.readexactly(size)
-            await reader.readexactly(2)  # CRLF after each chunk
-    if "content-length" in headers:
-        return await reader.readexactly(int(headers["content-length"]))
-    return await reader.read()  # Connection: close
-
-
 async def fetch_text(url: str, timeout: float = 1.0) -> str:
     """GET ``url`` (plain http) and return the body; raises :class:`TritonMetricsError`."""
     parts = urlsplit(url)
@@ -220,19 +202,7 @@ async def fetch_text(url: str, timeout: float = 1.0) -> str:
                 ).encode("ascii")
             )
             await writer.drain()
-            status_line = await reader.readline()
-            fields = status_line.decode("latin-1").split(None, 2)
-            if len(fields) < 2 or not fields[0].startswith("HTTP/"):
-                raise TritonMetricsError(f"bad HTTP status line from {url}: {status_line!r}")
-            status = int(fields[1])
-            headers: dict[str, str] = {}
-            while True:
-                line = await reader.readline()
-                if line in (b"\r\n", b"\n", b""):
-                    break
-                k, _, v = line.decode("latin-1").partition(":")
-                headers[k.strip().lower()] = v.strip()
-            body = await _read_body(reader, headers)
+            status, _, body = await read_response(reader)
             if status != 200:
                 raise TritonMetricsError(f"GET {url}: HTTP {status}: {body[:200]!r}")
             return body.decode("utf-8", errors="replace")

@@ -86,20 +86,8 @@ def request_task_text(ctx: "RequestContext") -> str:
     """:func:`task_text` of the last user message (chat) or of the prompt (completions), once per request."""
     held = ctx.plugin_state.get(_TEXT_KEY)
     if held is None:
-        held = ctx.plugin_state[_TEXT_KEY] = task_text(_last_user_text(ctx))
+        held = ctx.plugin_state[_TEXT_KEY] = task_text(prompts.last_user_text(ctx))
     return held
-
-
-def _last_user_text(ctx: "RequestContext") -> str:
-    req = ctx.request
-    if req is None:
-        return ""
-    if req.messages:
-        for message in reversed(req.messages):
-            if message.role == "user":
-                return message.text
-        return req.messages[-1].text
-    return req.prompt or ""
 
 
 async def task_embedding(ctx: "RequestContext", embedder: "PromptEmbedder | None" = None) -> np.ndarray:
