@@ -24,7 +24,6 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = [ROOT / "benchmarks" / "data" / "semantic_pairs.jsonl", ROOT / "benchmarks" / "data" / "semantic_dev" / "pairs.jsonl"]
 TIERS = {n: {"model": "stub-model", "kind": "openai", "aliases": [], "default_max_tokens": 16}
          for n in ("small", "medium", "large")}
 CONFIG = {"tiers": TIERS, "default_tier": "small", "state": {"redis_url": None}, "plugins": [
@@ -32,16 +31,6 @@ CONFIG = {"tiers": TIERS, "default_tier": "small", "state": {"redis_url": None},
     {"name": "semantic_routes", "settings": {"threshold": 0.5, "k": 3, "memo_entries": 0}},
     {"name": "learned_router", "settings": {"memo_entries": 0}},
     {"name": "model_tiers"}]}
-
-
-def texts(n: int) -> list[str]:
-    out: list[str] = []
-    for path in DATA:
-        for line in path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                out += [row["a"], row["b"]]
-    return list(dict.fromkeys(out))[:n]
 
 
 async def decide(items: list[str]) -> dict[str, list[str]]:
@@ -62,7 +51,9 @@ def main(argv=None) -> int:
     ap.add_argument("--texts", type=int, default=800)
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: decide in this process, write JSON here
     args = ap.parse_args(argv)
-    items = texts(args.texts)
+    from bench_encoder_runtimes import drift_texts  # the same distinct texts the drift is measured on
+
+    items = drift_texts(args.texts)
     if args.one:
         Path(args.one).write_text(json.dumps(asyncio.run(decide(items))))
         return 0
