@@ -94,7 +94,7 @@ class BenchStack:
         self.plain_port = 0
 
     def start(self) -> "BenchStack":
-        from extproc.commands.envoy_config import envoy_binary, write_envoy_config
+        from extproc.commands.envoy_config import write_envoy_config
 
         self.stack.start()
         p = self.stack.ports
@@ -102,12 +102,18 @@ class BenchStack:
         config = write_envoy_config(ROOT / "envoy" / "envoy-nofilter.yaml", self.work / "envoy-nofilter.yaml",
                                     listen_port=self.plain_port, admin_port=admin, extproc_port=p.extproc,
                                     triton_port=p.triton_http, passthrough_port=p.triton_http)
-        self.plain = ManagedProcess("envoy (no ext_proc)", [envoy_binary(), "-c", str(config), "--use-dynamic-base-id",
-                                                             "--log-level", "warn", "--concurrency", "2"],
-                                    self.work / "logs" / "envoy-nofilter.log")
-        self.plain.start()
-        self.plain.wait_until(lambda: http_ok(f"http://127.0.0.1:{admin}/ready"), 30, "ready")
+        self.plain = self._extra_envoy("envoy (no ext_proc)", config, "envoy-nofilter.log", admin)
         return self
+
+    def _extra_envoy(self, name: str, config: Path, log: str, admin: int) -> ManagedProcess:
+        """Another Envoy beside the stack's, started from ``config`` and ready on its admin port."""
+        from extproc.commands.envoy_config import envoy_binary
+
+        envoy = ManagedProcess(name, [envoy_binary(), "-c", str(config), "--use-dynamic-base-id",
+                                      "--log-level", "warn", "--concurrency", "2"], self.work / "logs" / log)
+        envoy.start()
+        envoy.wait_until(lambda: http_ok(f"http://127.0.0.1:{admin}/ready"), 30, "ready")
+        return envoy
 
     @property
     def gateway_port(self) -> int:
@@ -122,7 +128,7 @@ class BenchStack:
         ``work/phases.log``) holding the ext_proc filter's own per-phase latencies
         (``%FILTER_STATE(envoy.filters.http.ext_proc:TYPED)%``) and Envoy's timepoints from the first
         request byte (``%COMMON_DURATION(DS_RX_BEG:<point>:us)%``); its port."""
-        from extproc.commands.envoy_config import dump_config, envoy_binary, load_config, render_config_dict
+        from extproc.commands.envoy_config import dump_config, load_config, render_config_dict
 
         p = self.stack.ports
         port, admin = free_port(), free_port()
@@ -138,11 +144,7 @@ class BenchStack:
             "path": str(self.phase_log), "log_format": {"json_format": fmt}}}]
         path = self.work / "envoy-phases.yaml"
         path.write_text(dump_config(cfg))
-        self.traced = ManagedProcess("envoy (phase log)", [envoy_binary(), "-c", str(path), "--use-dynamic-base-id",
-                                                          "--log-level", "warn", "--concurrency", "2"],
-                                     self.work / "logs" / "envoy-phases.log")
-        self.traced.start()
-        self.traced.wait_until(lambda: http_ok(f"http://127.0.0.1:{admin}/ready"), 30, "ready")
+        self.traced = self._extra_envoy("envoy (phase log)", path, "envoy-phases.log", admin)
         return port
 
     @property
