@@ -11,8 +11,8 @@
   request, and a small per-process LRU serves repeated prompts.
 
 Where embeddings are computed is one process-wide choice (the ``embeddings:`` block of the
-configuration, :func:`configure_prompt_embedder`): ``local``, MiniLM in this process (NumPy, in
-the batcher's thread); or ``triton``, the ``embedder`` model of a Triton server
+configuration, :func:`configure_prompt_embedder`): ``local``, MiniLM in this process (ONNX Runtime or NumPy,
+``embeddings.runtime``; in the batcher's thread); or ``triton``, the ``embedder`` model of a Triton server
 (:mod:`extproc.embeddings.triton_client`; on GPUs in production), the same vectors. When Triton's
 embedder cannot answer (down, not loaded, slower than ``timeout_seconds``), ``on_unavailable``
 decides: ``local`` computes the batch in process instead (the request is served as before, counted
