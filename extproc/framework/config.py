@@ -151,7 +151,7 @@ class EmbeddingsConfig(_Strict):
     """Where the worker computes prompt embeddings (the routers', the semantic cache's): one choice
     per process (extproc/embeddings/prompt.py)."""
 
-    backend: Literal["local", "triton"] = Field("local", description="local: MiniLM in the worker (NumPy); "
+    backend: Literal["local", "triton"] = Field("local", description="local: MiniLM in the worker (runtime below); "
                                                 "triton: Triton's embedder model (same vectors; GPUs in production)")
     runtime: Literal["auto", "numpy", "onnxruntime", "onnxruntime-int8"] = Field(
         "auto", description="the in-worker encoder's runtime (backend local, and the fallback): auto is "
